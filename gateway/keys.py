@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "APIKEYS_INDEX",
     "CATALOG_CURRENT",
+    "CATALOG_HISTORY_KEEP",
     "CATALOG_VERSION",
     "EVENTS_CHANNEL",
     "IDEMPOTENCY_TTL_S",
@@ -16,6 +17,7 @@ __all__ = [
     "catalog_history",
     "idempotency",
     "workspace",
+    "workspace_apikeys",
 ]
 
 PREFIX = "lat:"
@@ -27,6 +29,8 @@ WORKSPACES_INDEX = PREFIX + "workspaces"
 #: The live catalog document (msgpack) and its monotonically increasing version number.
 CATALOG_CURRENT = PREFIX + "catalog:current"
 CATALOG_VERSION = PREFIX + "catalog:version"
+#: How many past catalog versions keep their ``catalog_history(v)`` copy.
+CATALOG_HISTORY_KEEP = 100
 
 #: Pub/sub channel that tells every process to look again (catalog changed, key revoked).
 EVENTS_CHANNEL = PREFIX + "events"
@@ -41,6 +45,11 @@ def apikey(key_id: str) -> str:
 
 def workspace(name: str) -> str:
     return f"{PREFIX}ws:{name}"
+
+
+def workspace_apikeys(name: str) -> str:
+    """Set of the key ids of one workspace (``APIKEYS_INDEX`` holds every key id)."""
+    return f"{PREFIX}ws:{name}:apikeys"
 
 
 def catalog_history(version: int) -> str:

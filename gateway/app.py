@@ -1,0 +1,70 @@
+"""The app factory: ``create_app(settings)`` builds a Litestar app around one
+:class:`~gateway.runtime.Gateway`. No import-time side effects; ``create_app_from_env`` is
+the factory uvicorn workers call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, Response, get
+from litestar.handlers import BaseRouteHandler
+
+from gateway.admin.routes import admin_routes
+from gateway.http import exception_to_response, json_response, request_context_middleware
+from gateway.logs import configure_logging
+from gateway.openai.routes import openai_routes
+from gateway.runtime import Gateway
+from gateway.settings import Settings, settings_from_env
+
+__all__ = ["create_app", "create_app_from_env"]
+
+
+def _health_routes(gw: Gateway) -> list[BaseRouteHandler]:
+    @get("/healthz")
+    async def healthz() -> Response[bytes]:
+        return json_response(b'{"status":"ok"}')
+
+    @get("/readyz")
+    async def readyz() -> Response[bytes]:
+        if await gw.ready():
+            version = gw.catalog.current.version
+            return json_response(b'{"status":"ready","catalog_version":%d}' % version)
+        return json_response(b'{"status":"not ready"}', 503)
+
+    @get("/metrics")
+    async def metrics() -> Response[bytes]:
+        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return [healthz, readyz, metrics]
+
+
+def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litestar:
+    gw = gateway or Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = Litestar(
+        route_handlers=[*_health_routes(gw), *openai_routes(gw), *admin_routes(gw)],
+        exception_handlers={Exception: exception_to_response},
+        middleware=[request_context_middleware(gw.metrics)],
+        lifespan=[lifespan],
+        openapi_config=None,
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+        debug=False,
+    )
+    app.state.gateway = gw
+    return app
+
+
+def create_app_from_env() -> Litestar:
+    settings = settings_from_env()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)

@@ -1,0 +1,79 @@
+"""Starting and stopping the child processes of ``lattice up`` (and the test harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+
+__all__ = ["Child", "python_module", "wait_http_ok", "write_json_atomic"]
+
+
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310 - loopback
+                if 200 <= resp.status < 300:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s ({last})")
+
+
+class Child:
+    """One child process; :meth:`stop` sends SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.name = name
+        full_env = {**os.environ, **(env or {})}
+        out = subprocess.DEVNULL if quiet else None
+        self.proc = subprocess.Popen(
+            list(args), env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def write_json_atomic(path: str, data: object, mode: int = 0o600) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)

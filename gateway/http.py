@@ -1,0 +1,190 @@
+"""HTTP plumbing shared by every route: reading bodies, rendering errors, the request-id and
+metrics middleware. Handlers stay thin: decode, call a service, encode."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import (
+    InvalidRequest,
+    LatticeError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.logs import request_id_var
+from gateway.metrics import Metrics
+
+__all__ = [
+    "error_response",
+    "exception_to_response",
+    "json_response",
+    "read_json_object",
+    "request_context_middleware",
+    "request_id",
+]
+
+log = logging.getLogger("lattice.http")
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_JSON_TYPES = ("application/json", "application/merge-patch+json")
+
+
+def request_id(request: Request[Any, Any, Any]) -> str:
+    return str(request.scope.get("state", {}).get("request_id") or "")
+
+
+def json_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(exc: LatticeError) -> Response[bytes]:
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": exc.type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"retry-after": str(max(1, round(exc.retry_after)))}
+    return json_response(_encoder.encode(body), exc.status, headers)
+
+
+def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The one exception handler: every error leaves in the OpenAI envelope."""
+    if isinstance(exc, LatticeError):
+        return error_response(exc)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        if status == 404:
+            return error_response(
+                NotFound(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
+            )
+        if status == 405:
+            return error_response(
+                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+            )
+        if status == 413:
+            return error_response(PayloadTooLarge("The request body is too large."))
+        if 400 <= status < 500:
+            return error_response(InvalidRequest(str(exc.detail), code="invalid_request"))
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return error_response(LatticeError("The server had an error while processing your request."))
+
+
+async def read_json_object(
+    request: Request[Any, Any, Any], limit: int
+) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object; 413/415/400 in the caller's format otherwise."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        base = ctype.split(";", 1)[0].strip().lower()
+        if base not in _JSON_TYPES and not base.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Unsupported Content-Type '{base}': send 'Content-Type: application/json'."
+            )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
+    try:
+        body = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return raw, body
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/v1/tasks/"):
+        return "/v1/tasks/{task}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    if path.startswith("/admin/"):
+        return "/admin"
+    if path in _KNOWN:
+        return path
+    return "other"
+
+
+_KNOWN = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/tasks",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+)
+
+
+def request_context_middleware(metrics: Metrics) -> Any:
+    """ASGI middleware: request id (incoming ``x-request-id`` if sane, else a new one) on
+    every response and in every log record; request counts, latency and in-flight."""
+
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            rid = None
+            for name, value in scope["headers"]:
+                if name == b"x-request-id":
+                    candidate = value.decode("latin-1")
+                    if _REQUEST_ID_RE.match(candidate):
+                        rid = candidate
+                    break
+            rid = rid or "req_" + uuid.uuid4().hex
+            scope.setdefault("state", {})["request_id"] = rid  # type: ignore[typeddict-item]
+            token = request_id_var.set(rid)
+            header = (b"x-request-id", rid.encode())
+            status = 500
+            start = time.perf_counter()
+            metrics.in_flight.inc()
+
+            async def send_wrapper(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [*message.get("headers", ()), header]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_wrapper)
+            finally:
+                metrics.in_flight.dec()
+                label = _route_label(scope["path"])
+                metrics.requests.labels(label, str(status)).inc()
+                metrics.latency.labels(label).observe(time.perf_counter() - start)
+                request_id_var.reset(token)
+
+        return middleware
+
+    return factory

@@ -1,0 +1,61 @@
+"""Prometheus metrics of one gateway process (its own registry: no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lattice_requests_total",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lattice_request_duration_seconds",
+            "Time to the end of the response (streams: to the last byte).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "lattice_requests_in_flight", "Requests being served.", registry=self.registry
+        )
+        self.upstream_errors = Counter(
+            "lattice_upstream_errors_total",
+            "Failed calls to upstreams by offering and error code.",
+            ["offering", "code"],
+            registry=self.registry,
+        )
+        self.dispatches = Counter(
+            "lattice_dispatches_total",
+            "Dispatches by task class and outcome.",
+            ["task", "status"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,110 @@
+"""The parts one gateway process runs with, built and torn down together.
+
+:class:`Gateway` owns the Redis connection pool, the live catalog, the credential stores, the
+upstream HTTP pool and the dispatch service; the app factory starts it in the ASGI lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+
+from billing.usage import RedisUsageOutbox
+from catalog.loader import load_seed
+from gateway import keys
+from gateway.auth.apikeys import ApiKeyStore
+from gateway.auth.authenticator import Authenticator
+from gateway.auth.jwt import JwtVerifier
+from gateway.auth.workspaces import WorkspaceStore
+from gateway.catalog_store import CatalogStore, LiveCatalog
+from gateway.dispatch.service import DispatchService
+from gateway.dispatch.upstream import UpstreamClient
+from gateway.idempotency import IdempotencyStore
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("lattice.gateway")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = redis or aioredis.Redis.from_url(
+            settings.redis_url, max_connections=512, health_check_interval=30
+        )
+        self.metrics = Metrics()
+        self.catalog_store = CatalogStore(self.redis)
+        self.catalog = LiveCatalog(self.catalog_store, poll_interval=settings.catalog_poll_s)
+        self.apikeys = ApiKeyStore(self.redis)
+        self.workspaces = WorkspaceStore(self.redis)
+        self.jwt = JwtVerifier(settings.jwt_issuers) if settings.jwt_issuers else None
+        self.authenticator = Authenticator(self.apikeys, self.jwt)
+        self.upstreams = UpstreamClient()
+        self.idempotency = IdempotencyStore(self.redis)
+        self.service = DispatchService(
+            catalog=self.catalog,
+            workspaces=self.workspaces,
+            upstreams=self.upstreams,
+            outbox=RedisUsageOutbox(self.redis),
+            idempotency=self.idempotency,
+            metrics=self.metrics,
+            drop_params_default=settings.drop_params,
+        )
+        self._events_task: asyncio.Task[None] | None = None
+        self.started = False
+
+    async def start(self) -> None:
+        if self.settings.seed_catalog:
+            await self.catalog_store.seed_if_empty(load_seed())
+        await self.catalog.start()
+        self._events_task = asyncio.create_task(self._listen_events(), name="lattice-events")
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events_task
+        await self.catalog.stop()
+        await self.upstreams.close()
+        if self.jwt is not None:
+            await self.jwt.close()
+        await self.redis.aclose()
+
+    async def ready(self) -> bool:
+        try:
+            await self.redis.ping()
+        except (aioredis.RedisError, OSError):
+            return False
+        return self.started
+
+    async def _listen_events(self) -> None:
+        """Drop cached credentials the moment another process revokes them (the caches'
+        short TTL bounds the delay when this subscription is down)."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if isinstance(data, (bytes, str)):
+                        self.apikeys.handle_event(data)
+                        text = data.decode() if isinstance(data, bytes) else data
+                        if text.startswith("workspace-changed:"):
+                            self.workspaces.invalidate(text.split(":", 1)[1])
+                        elif text.startswith("catalog:"):
+                            await self.catalog.run_once()
+            except asyncio.CancelledError:
+                raise
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("event subscription lost; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()

@@ -1,0 +1,63 @@
+"""Gateway settings: one frozen Struct, and the one function that reads the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+from gateway.auth.jwt import JwtIssuer
+
+__all__ = ["Settings", "settings_from_env"]
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    #: Largest request body accepted, in bytes (413 above it).
+    max_body_bytes: int = 16 * 1024 * 1024
+    #: Seconds between checks of the catalog version (changes visible within 1 s).
+    catalog_poll_s: float = 0.25
+    #: Default for requests and workspaces that do not say (`drop_params`).
+    drop_params: bool = True
+    #: OAuth/OIDC issuers whose JWT access tokens are accepted.
+    jwt_issuers: tuple[JwtIssuer, ...] = ()
+    #: Seed the catalog from the packaged files when Redis holds none.
+    seed_catalog: bool = True
+    log_level: str = "info"
+    #: Log as JSON lines (one object per line, carrying the request id).
+    log_json: bool = True
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``LATTICE_*`` variables; keyword overrides win."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {}
+    simple = {
+        "LATTICE_REDIS_URL": ("redis_url", str),
+        "LATTICE_HOST": ("host", str),
+        "LATTICE_PORT": ("port", int),
+        "LATTICE_WORKERS": ("workers", int),
+        "LATTICE_MAX_BODY_BYTES": ("max_body_bytes", int),
+        "LATTICE_CATALOG_POLL_S": ("catalog_poll_s", float),
+        "LATTICE_DROP_PARAMS": ("drop_params", _bool),
+        "LATTICE_SEED_CATALOG": ("seed_catalog", _bool),
+        "LATTICE_LOG_LEVEL": ("log_level", str),
+        "LATTICE_LOG_JSON": ("log_json", _bool),
+    }
+    for var, (field, conv) in simple.items():
+        if var in env:
+            raw[field] = conv(env[var])  # type: ignore[operator]
+    if "LATTICE_JWT_ISSUERS" in env:
+        raw["jwt_issuers"] = msgspec.json.decode(
+            env["LATTICE_JWT_ISSUERS"].encode(), type=tuple[JwtIssuer, ...]
+        )
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(raw, Settings)
