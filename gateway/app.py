@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, Response, get
 from litestar.handlers import BaseRouteHandler
+from litestar.types import ASGIApp
 
 from gateway.admin.routes import admin_routes
 from gateway.http import exception_to_response, json_response, request_context_middleware
@@ -39,7 +40,9 @@ def _health_routes(gw: Gateway) -> list[BaseRouteHandler]:
     return [healthz, readyz, metrics]
 
 
-def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litestar:
+def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp:
+    """The gateway as an ASGI app: Litestar inside the request-context middleware, which
+    wraps routing too so that even a 404 or 405 carries its ``x-request-id``."""
     gw = gateway or Gateway(settings)
 
     @asynccontextmanager
@@ -53,7 +56,6 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
     app = Litestar(
         route_handlers=[*_health_routes(gw), *openai_routes(gw), *admin_routes(gw)],
         exception_handlers={Exception: exception_to_response},
-        middleware=[request_context_middleware(gw.metrics)],
         lifespan=[lifespan],
         openapi_config=None,
         request_max_body_size=settings.max_body_bytes,
@@ -61,10 +63,10 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> Litesta
         debug=False,
     )
     app.state.gateway = gw
-    return app
+    return request_context_middleware(gw.metrics)(app)  # type: ignore[no-any-return]
 
 
-def create_app_from_env() -> Litestar:
+def create_app_from_env() -> ASGIApp:
     settings = settings_from_env()
     configure_logging(settings.log_level, settings.log_json)
     return create_app(settings)

@@ -7,6 +7,7 @@ is a 400 whose ``param`` names the bad field, and the live catalog stays as it w
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -25,6 +26,7 @@ from gateway.runtime import Gateway
 __all__ = ["admin_routes", "redact_catalog"]
 
 _encoder = msgspec.json.Encoder()
+_OFFERING_INDEX = re.compile(r"^offerings\[(\d+)\](.*)$")
 
 
 class CatalogWrite(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,6 +77,22 @@ def _convert(body: dict[str, Any], kind: type[Any]) -> Any:
         raise InvalidRequest(str(exc), code="invalid_value") from None
 
 
+def _patch_field(field: str, merged: Catalog, patch_doc: Catalog | None) -> str:
+    """Name a field of a merged catalog by its place in the operator's patch, so the error
+    points into the file they wrote (``offerings[7]`` of the merge is ``offerings[0]`` there)."""
+    match = _OFFERING_INDEX.match(field)
+    if patch_doc is None or match is None:
+        return field
+    index = int(match.group(1))
+    if index >= len(merged.offerings):
+        return field
+    offering_id = merged.offerings[index].id
+    for position, offering in enumerate(patch_doc.offerings):
+        if offering.id == offering_id:
+            return f"offerings[{position}]{match.group(2)}"
+    return field
+
+
 def admin_routes(gw: Gateway) -> list[BaseRouteHandler]:
     async def admin(request: Request[Any, Any, Any]) -> Principal:
         principal = await gw.authenticator.authenticate_headers(request.headers)
@@ -86,12 +104,16 @@ def admin_routes(gw: Gateway) -> list[BaseRouteHandler]:
         _, body = await read_json_object(request, gw.settings.max_body_bytes)
         return _convert(body, kind)
 
-    async def store(new: Catalog, expected: int | None) -> Response[bytes]:
+    async def store(
+        new: Catalog, expected: int | None, patch_doc: Catalog | None = None
+    ) -> Response[bytes]:
         try:
             stored = await gw.catalog_store.apply(new, expected_version=expected)
         except CatalogError as exc:
+            field = _patch_field(exc.field, new, patch_doc)
+            message = exc.message.replace(exc.field, field) if field != exc.field else exc.message
             raise InvalidRequest(
-                f"Invalid catalog: {exc.message}", param=exc.field, code="invalid_catalog"
+                f"Invalid catalog: {message}", param=field, code="invalid_catalog"
             ) from None
         await gw.catalog.run_once()
         return json_response(
@@ -116,7 +138,7 @@ def admin_routes(gw: Gateway) -> list[BaseRouteHandler]:
         current = await gw.catalog_store.get()
         new = patch_doc if write.mode == "replace" else merge_catalog(current, patch_doc)
         expected = write.expected_version if write.expected_version is not None else None
-        return await store(new, expected)
+        return await store(new, expected, None if write.mode == "replace" else patch_doc)
 
     @put("/admin/v1/catalog/aliases/{name:str}", status_code=200)
     async def alias_set(request: Request[Any, Any, Any], name: str) -> Response[bytes]:

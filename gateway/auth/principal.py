@@ -16,6 +16,9 @@ class Scope:
     MARKETPLACE = "lattice:compute:marketplace"
     RUNTIME_MANAGE = "lattice:compute:personal_runtime:manage"
     USAGE_READ = "lattice:compute:usage:read"
+    #: Operator scope: authorises the admin API. Only keys of the reserved ``_admin``
+    #: workspace carry it (``gateway.auth.apikeys.create_admin_key``).
+    ADMIN = "lattice:admin"
 
 
 DEFAULT_SCOPES: tuple[str, ...] = (Scope.INFERENCE, Scope.CATALOG_READ)
