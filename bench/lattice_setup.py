@@ -17,13 +17,12 @@ OpenAI-compatible upstream is the mock (``daemon.sim.server``): the non-streamin
 at the fast mock (no token delay), the streaming route at the mock with a per-token delay.
 Both gateways share the one Redis, catalog and key.
 
-What is left to the lead (marked ``NotImplementedError("lead wires this")``): writing the
-catalog into Redis and minting an API key, i.e. the parts that need the gateway's code. The
-offering must be a hosted one with auth and usage metering on, as in production.
+The offering is a hosted one with auth and usage metering on, as in production.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -32,6 +31,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
+from catalog.loader import load_seed, merge_catalog
+from catalog.model import Catalog, ModelEntry, Offering, Upstream
+from gateway.auth.apikeys import ApiKeyStore
+from gateway.auth.workspaces import WorkspaceStore
+from gateway.catalog_store import CatalogStore
 from gateway.redis_server import RedisServer
 
 __all__ = ["LatticeSetup", "Route"]
@@ -65,8 +71,9 @@ class LatticeSetup:
         self.api_key = self.create_api_key()
 
     def start_redis(self) -> RedisServer:
-        # No AOF: the bench's Redis is throw-away, and fsync noise would only blur the figures.
-        self.redis = RedisServer(self.work_dir / "redis", appendonly=False)
+        # AOF on (fsync every second), as `lattice up` and production run it: the usage
+        # records the gateway writes per request are part of what is measured.
+        self.redis = RedisServer(self.work_dir / "redis", appendonly=True)
         self.redis.start()
         return self.redis
 
@@ -79,11 +86,51 @@ class LatticeSetup:
     def seed_catalog(self, routes: Sequence[Route]) -> None:
         """Write a catalog with one hosted ``openai``-kind offering per route (metered from
         ``usage``, priced) into the Redis at ``self.redis.url``."""
-        raise NotImplementedError("lead wires this")
+        asyncio.run(self._seed_catalog(routes))
+
+    async def _seed_catalog(self, routes: Sequence[Route]) -> None:
+        assert self.redis is not None
+        client = aioredis.Redis.from_url(self.redis.url)
+        try:
+            base = load_seed()
+            models: dict[str, ModelEntry] = {}
+            aliases: dict[str, str] = {}
+            offerings = []
+            for i, route in enumerate(routes):
+                # the name clients send is an operator alias of a canonical bench model
+                canonical = f"lovelace:bench-{i}"
+                aliases[route.model] = canonical
+                models[canonical] = ModelEntry(
+                    id=canonical, task_classes=("chat-completion", "text-completion")
+                )
+                offerings.append(
+                    Offering(
+                        id=f"bench-{i}",
+                        model=canonical,
+                        upstream=Upstream(
+                            base_url=route.upstream_base_url, model=route.upstream_model
+                        ),
+                        prices={"prompt_tokens": 50_000, "completion_tokens": 100_000},
+                    )
+                )
+            patch = Catalog(models=models, offerings=tuple(offerings), aliases=aliases)
+            await CatalogStore(client).apply(merge_catalog(base, patch))
+        finally:
+            await client.aclose()
 
     def create_api_key(self) -> str:
-        """Create a consumer account with credit and an API key for it; return the key."""
-        raise NotImplementedError("lead wires this")
+        """Create a workspace and an API key for it; return the key."""
+        return asyncio.run(self._create_api_key())
+
+    async def _create_api_key(self) -> str:
+        assert self.redis is not None
+        client = aioredis.Redis.from_url(self.redis.url)
+        try:
+            await WorkspaceStore(client).create("bench")
+            key, _ = await ApiKeyStore(client).create("bench", name="bench")
+            return key
+        finally:
+            await client.aclose()
 
     # -- gateways ----------------------------------------------------------------------------
     def lattice_argv(self) -> list[str]:

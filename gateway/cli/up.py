@@ -20,8 +20,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
+from catalog.errors import CatalogError
 from catalog.loader import load_seed, merge_catalog, seed_offerings
 from catalog.model import Catalog, ModelEntry, Offering, Upstream
 from gateway.auth.apikeys import ApiKeyStore
@@ -88,7 +90,10 @@ async def bootstrap(
         current = await store.get()
         base = current if current.version else load_seed()
         patch = Catalog(offerings=seed_offerings(sim_url)) if sim_url else upstream or Catalog()
-        await store.apply(merge_catalog(base, patch))
+        merged = merge_catalog(base, patch)
+        # the upstream's own model names win over seed aliases of the same spelling
+        aliases = {k: v for k, v in merged.aliases.items() if k not in merged.models}
+        await store.apply(msgspec.structs.replace(merged, aliases=aliases))
 
         workspaces = WorkspaceStore(client)
         apikeys = ApiKeyStore(client)
@@ -117,13 +122,15 @@ def _banner(state: dict[str, Any]) -> str:
 Lattice is up.
   base URL : {base}
   API key  : {key}
-  admin key: {state["admin_key"]}   (lattice catalog show --gateway {state["gateway_url"]} --admin-key …)
+  admin key: {state["admin_key"]}
+             (lattice catalog show --gateway {state["gateway_url"]} --admin-key …)
   redis    : {state["redis_url"]}
   upstream : {state["upstream"]}
 
 curl {base}/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-  -d '{{"model": "lovelace:llama-3.2-3b-instruct", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  -d '{{"model": "lovelace:llama-3.2-3b-instruct",
+       "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
 python - <<'PY'
 from openai import OpenAI
@@ -205,7 +212,7 @@ def run_up(args: argparse.Namespace) -> int:
                     print(f"lattice up: {child.name} exited; stopping", file=sys.stderr)
                     return 1
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, CatalogError, ValueError) as exc:
         print(f"lattice up: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -49,7 +49,7 @@ def text_input_error(value: object) -> str | None:
     kinds = {type(item) for item in value}
     if len(kinds) > 1:
         return "must be a string, a list of strings, a token array or a list of token arrays"
-    if kinds == {list} and any(not item for item in value):  # type: ignore[union-attr]
+    if kinds == {list} and any(not item for item in value):
         return "token arrays must not be empty"
     return None
 

@@ -83,7 +83,9 @@ class Stack:
         base = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "iat": now, "exp": now + 300}
         base.update(claims)
         header = {"alg": "ES256", "kid": self.signing_key.kid}
-        return jwt.encode(header, {k: v for k, v in base.items() if v is not None}, self.signing_key)
+        return jwt.encode(
+            header, {k: v for k, v in base.items() if v is not None}, self.signing_key
+        )
 
 
 @pytest.fixture(scope="session")

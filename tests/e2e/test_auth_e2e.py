@@ -32,7 +32,9 @@ def test_revocation_reaches_every_process_within_a_second(stack: Stack) -> None:
 
 
 def test_jwt_access_token(stack: Stack) -> None:
-    token = stack.mint(lattice_workspace="dev", scope="lattice:compute:inference", client_id="app-1")
+    token = stack.mint(
+        lattice_workspace="dev", scope="lattice:compute:inference", client_id="app-1"
+    )
     with stack.client(api_key=token) as client:
         reply = client.chat.completions.create(
             model="lovelace:llama-3.2-3b-instruct", messages=[{"role": "user", "content": "x"}]

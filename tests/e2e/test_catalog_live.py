@@ -51,12 +51,20 @@ def task_post(stack: Stack, gateway: int, task: str, body: object) -> httpx.Resp
 
 
 def test_new_task_class_everywhere_within_a_second(stack: Stack) -> None:
-    assert_envelope(task_post(stack, 1, "image-generation", {"prompt": "cat"}), 404, "task_not_found")
+    assert_envelope(
+        task_post(stack, 1, "image-generation", {"prompt": "cat"}), 404, "task_not_found"
+    )
     stack.apply_catalog(IMAGE_CLASS)
     for gateway in (0, 1):
-        wait_until(lambda g=gateway: task_post(stack, g, "image-generation", {"prompt": "cat"}).status_code != 404)
+        wait_until(
+            lambda g=gateway: (
+                task_post(stack, g, "image-generation", {"prompt": "cat"}).status_code != 404
+            )
+        )
     # validated against its JSON Schema: 400 naming the path of the first violation
-    err = assert_envelope(task_post(stack, 1, "image-generation", {"prompt": "cat", "size": "9x9"}), 400)
+    err = assert_envelope(
+        task_post(stack, 1, "image-generation", {"prompt": "cat", "size": "9x9"}), 400
+    )
     assert err["param"] in ("size", "$.size", "/size")
     err = assert_envelope(task_post(stack, 0, "image-generation", {"size": "256x256"}), 400)
     assert "prompt" in err["message"]
@@ -71,7 +79,11 @@ def test_new_task_class_everywhere_within_a_second(stack: Stack) -> None:
                 {
                     "id": "images-http",
                     "model": "lovelace:sim-diffusion",
-                    "upstream": {"kind": "http", "base_url": stack.upstream.base_url, "path": "/images"},
+                    "upstream": {
+                        "kind": "http",
+                        "base_url": stack.upstream.base_url,
+                        "path": "/images",
+                    },
                     "prices": {"requests": 40_000},
                     "price_per": 1,
                 }
@@ -99,7 +111,16 @@ def test_alias_path_from_catalog(stack: Stack) -> None:
             }
         }
     )
-    wait_until(lambda: httpx.post(stack.base_url + "/echo", json={}, headers={"Authorization": f"Bearer {stack.api_key}"}).status_code == 503)
+    wait_until(
+        lambda: (
+            httpx.post(
+                stack.base_url + "/echo",
+                json={},
+                headers={"Authorization": f"Bearer {stack.api_key}"},
+            ).status_code
+            == 503
+        )
+    )
 
 
 def test_invalid_write_names_the_field_and_changes_nothing(stack: Stack) -> None:
@@ -107,40 +128,74 @@ def test_invalid_write_names_the_field_and_changes_nothing(stack: Stack) -> None
     resp = stack.admin(
         "POST",
         "/admin/v1/catalog",
-        {"catalog": {"offerings": [{"id": "x", "model": "lovelace:nope", "upstream": {"base_url": "http://127.0.0.1:1/v1"}}]}},
+        {
+            "catalog": {
+                "offerings": [
+                    {
+                        "id": "x",
+                        "model": "lovelace:nope",
+                        "upstream": {"base_url": "http://127.0.0.1:1/v1"},
+                    }
+                ]
+            }
+        },
     )
     err = assert_envelope(resp, 400, "invalid_catalog")
     assert err["param"].startswith("offerings[")
-    resp = stack.admin("POST", "/admin/v1/catalog", {"catalog": {"models": {"lovelace:y": {"task_classes": "chat"}}}})
+    resp = stack.admin(
+        "POST",
+        "/admin/v1/catalog",
+        {"catalog": {"models": {"lovelace:y": {"task_classes": "chat"}}}},
+    )
     err = assert_envelope(resp, 400, "invalid_catalog")
     assert "models" in err["param"]
     assert stack.admin("GET", "/admin/v1/catalog").json()["version"] == before["version"]
 
 
 def test_alias_reaches_both_processes(stack: Stack) -> None:
-    resp = stack.admin("PUT", "/admin/v1/catalog/aliases/gpt-4o-mini", {"target": "lovelace:llama-3.2-3b-instruct"})
+    resp = stack.admin(
+        "PUT", "/admin/v1/catalog/aliases/gpt-4o-mini", {"target": "lovelace:llama-3.2-3b-instruct"}
+    )
     assert resp.status_code == 200, resp.text
     for gateway in (0, 1):
         with stack.client(base_url=stack.gateways[gateway] + "/v1") as client:
             took = wait_until(lambda c=client: "gpt-4o-mini" in [m.id for m in c.models.list()])
             assert took < 1.0
-            reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+            )
             assert reply.model == "gpt-4o-mini"
 
 
 def test_upstream_credentials_never_shown(stack: Stack) -> None:
     stack.apply_catalog(
-        {"offerings": [{"id": "secret-off", "model": "lovelace:llama-3.2-3b-instruct", "enabled": False,
-                        "upstream": {"base_url": "http://127.0.0.1:1/v1", "api_key": "very-secret"}}]}
+        {
+            "offerings": [
+                {
+                    "id": "secret-off",
+                    "model": "lovelace:llama-3.2-3b-instruct",
+                    "enabled": False,
+                    "upstream": {"base_url": "http://127.0.0.1:1/v1", "api_key": "very-secret"},
+                }
+            ]
+        }
     )
     shown = stack.admin("GET", "/admin/v1/catalog").text
     assert "very-secret" not in shown
 
 
 def lattice(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LATTICE_GATEWAY_URL": stack.gateways[1], "LATTICE_ADMIN_KEY": stack.admin_key}
+    env = {
+        **os.environ,
+        "LATTICE_GATEWAY_URL": stack.gateways[1],
+        "LATTICE_ADMIN_KEY": stack.admin_key,
+    }
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli.main", *args], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gateway.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

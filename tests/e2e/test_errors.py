@@ -50,7 +50,9 @@ def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) 
         ({"model": 42, "messages": MSG}, "model"),
     ],
 )
-def test_wrong_types_are_400_naming_the_param(stack: Stack, body: dict[str, Any], param: str) -> None:
+def test_wrong_types_are_400_naming_the_param(
+    stack: Stack, body: dict[str, Any], param: str
+) -> None:
     err = assert_envelope(post(stack, "/chat/completions", json=body), 400)
     assert err["param"] == param
     assert err["type"] == "invalid_request_error"
@@ -66,21 +68,30 @@ def test_embedding_input_shapes(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"a": 1'],
+    "content",
+    [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"a": 1'],
 )
 def test_malformed_json_is_400(stack: Stack, content: bytes) -> None:
-    resp = post(stack, "/chat/completions", content=content, headers={"content-type": "application/json"})
+    resp = post(
+        stack, "/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert_envelope(resp, 400, "invalid_json")
 
 
 def test_wrong_content_type_is_415(stack: Stack) -> None:
-    resp = post(stack, "/chat/completions", content=b"model=x", headers={"content-type": "application/x-www-form-urlencoded"})
+    resp = post(
+        stack,
+        "/chat/completions",
+        content=b"model=x",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert_envelope(resp, 415, "unsupported_media_type")
 
 
 def test_oversized_body_is_413(stack: Stack) -> None:
     big = {"model": LLAMA, "messages": [{"role": "user", "content": "x" * 300_000}]}
     assert_envelope(post(stack, "/chat/completions", json=big), 413, "request_too_large")
+
     # chunked, without a content-length
     def gen():  # type: ignore[no-untyped-def]
         yield b'{"model": "x", "messages": [{"role": "user", "content": "'
@@ -88,12 +99,18 @@ def test_oversized_body_is_413(stack: Stack) -> None:
             yield b"y" * 10_000
         yield b'"}]}'
 
-    resp = post(stack, "/chat/completions", content=gen(), headers={"content-type": "application/json"})
+    resp = post(
+        stack, "/chat/completions", content=gen(), headers={"content-type": "application/json"}
+    )
     assert_envelope(resp, 413)
 
 
 def test_unknown_model_is_404(stack: Stack) -> None:
-    err = assert_envelope(post(stack, "/chat/completions", json={"model": "gpt-9", "messages": MSG}), 404, "model_not_found")
+    err = assert_envelope(
+        post(stack, "/chat/completions", json={"model": "gpt-9", "messages": MSG}),
+        404,
+        "model_not_found",
+    )
     assert err["param"] == "model"
     with stack.client() as client, pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=MSG)  # type: ignore[arg-type]
@@ -112,17 +129,30 @@ def test_unknown_task_and_url_are_404(stack: Stack) -> None:
 
 
 def test_wrong_method_is_405(stack: Stack) -> None:
-    resp = httpx.get(stack.base_url + "/chat/completions", headers={"Authorization": f"Bearer {stack.api_key}"})
+    resp = httpx.get(
+        stack.base_url + "/chat/completions", headers={"Authorization": f"Bearer {stack.api_key}"}
+    )
     assert_envelope(resp, 405)
 
 
 @pytest.mark.parametrize(
     "auth",
-    [None, "Bearer", "Basic abc", "Bearer sk_nope", "Bearer sk_ltaaaaaaaaaaaa_" + "A" * 43, "Bearer eyJhbGciOiJub25lIn0.e30."],
+    [
+        None,
+        "Bearer",
+        "Basic abc",
+        "Bearer sk_nope",
+        "Bearer sk_ltaaaaaaaaaaaa_" + "A" * 43,
+        "Bearer eyJhbGciOiJub25lIn0.e30.",
+    ],
 )
 def test_bad_credentials_are_401(stack: Stack, auth: str | None) -> None:
     headers = {"Authorization": auth} if auth else {}
-    resp = httpx.post(stack.base_url + "/chat/completions", json={"model": LLAMA, "messages": MSG}, headers=headers)
+    resp = httpx.post(
+        stack.base_url + "/chat/completions",
+        json={"model": LLAMA, "messages": MSG},
+        headers=headers,
+    )
     err = assert_envelope(resp, 401)
     assert "sk_" not in err["message"]
 
@@ -140,20 +170,34 @@ def test_sdk_typed_exceptions(stack: Stack) -> None:
     with stack.client(api_key="sk_bad") as client, pytest.raises(openai.AuthenticationError):
         client.models.list()
     with stack.client() as client, pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=LLAMA, messages=[], )
+        client.chat.completions.create(
+            model=LLAMA,
+            messages=[],
+        )
     no_scope = stack.new_key("dev", scopes=["lattice:compute:usage:read"])
-    with stack.client(api_key=no_scope) as client, pytest.raises(openai.PermissionDeniedError) as info:
+    with (
+        stack.client(api_key=no_scope) as client,
+        pytest.raises(openai.PermissionDeniedError) as info,
+    ):
         client.chat.completions.create(model=LLAMA, messages=MSG)  # type: ignore[arg-type]
     assert info.value.code == "insufficient_scopes"
 
 
 def test_admin_api_needs_admin_scope(stack: Stack) -> None:
-    resp = httpx.get(stack.gateways[0] + "/admin/v1/catalog", headers={"Authorization": f"Bearer {stack.api_key}"})
+    resp = httpx.get(
+        stack.gateways[0] + "/admin/v1/catalog",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
     assert_envelope(resp, 403, "insufficient_scopes")
     resp = httpx.get(stack.gateways[0] + "/admin/v1/catalog")
     assert_envelope(resp, 401)
 
 
 def test_bad_idempotency_key_is_400(stack: Stack) -> None:
-    resp = post(stack, "/chat/completions", json={"model": LLAMA, "messages": MSG}, headers={"Idempotency-Key": "x" * 300})
+    resp = post(
+        stack,
+        "/chat/completions",
+        json={"model": LLAMA, "messages": MSG},
+        headers={"Idempotency-Key": "x" * 300},
+    )
     assert_envelope(resp, 400, "invalid_idempotency_key")

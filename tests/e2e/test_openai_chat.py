@@ -127,7 +127,9 @@ def test_streaming(stack: Stack, include_usage: bool) -> None:
         assert usage_chunks == []
         assert all(c.usage is None for c in chunks)
     for chunk in chunks:
-        validate("CreateChatCompletionStreamResponse", chunk.model_dump(mode="json", exclude_unset=True))
+        validate(
+            "CreateChatCompletionStreamResponse", chunk.model_dump(mode="json", exclude_unset=True)
+        )
 
 
 async def test_streaming_async_n2(stack: Stack) -> None:

@@ -20,7 +20,11 @@ MINILM = "lovelace:all-minilm-l6-v2"
 def test_completion(stack: Stack, strict: bool) -> None:
     with stack.client(_strict_response_validation=strict) as client:
         reply = client.completions.create(
-            model=LLAMA, prompt="Once upon a time", max_tokens=5, echo=True, suffix="THE END",
+            model=LLAMA,
+            prompt="Once upon a time",
+            max_tokens=5,
+            echo=True,
+            suffix="THE END",
             logprobs=2,
         )
     text = reply.choices[0].text
@@ -59,7 +63,10 @@ def test_completion_streaming(stack: Stack) -> None:
     with stack.client() as client:
         chunks = list(
             client.completions.create(
-                model=LLAMA, prompt="x", max_tokens=4, stream=True,
+                model=LLAMA,
+                prompt="x",
+                max_tokens=4,
+                stream=True,
                 stream_options={"include_usage": True},
             )
         )
@@ -109,12 +116,16 @@ def test_models(stack: Stack) -> None:
         one = client.models.retrieve(LLAMA)
     assert LLAMA in ids and MINILM in ids
     assert one.id == LLAMA and one.object == "model"
-    resp = httpx.get(stack.base_url + "/models", headers={"Authorization": f"Bearer {stack.api_key}"})
+    resp = httpx.get(
+        stack.base_url + "/models", headers={"Authorization": f"Bearer {stack.api_key}"}
+    )
     validate("ListModelsResponse", resp.json())
 
 
 def test_tasks_listing(stack: Stack) -> None:
-    resp = httpx.get(stack.base_url + "/tasks", headers={"Authorization": f"Bearer {stack.api_key}"})
+    resp = httpx.get(
+        stack.base_url + "/tasks", headers={"Authorization": f"Bearer {stack.api_key}"}
+    )
     names = {t["id"] for t in resp.json()["data"]}
     assert {"chat-completion", "text-completion", "embedding", "audio-transcription"} <= names
 
@@ -123,7 +134,9 @@ def test_generic_task_path_equals_alias(stack: Stack) -> None:
     body = {"model": LLAMA, "messages": [{"role": "user", "content": "x"}], "seed": 3}
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     via_alias = httpx.post(stack.base_url + "/chat/completions", json=body, headers=headers).json()
-    via_task = httpx.post(stack.base_url + "/tasks/chat-completion", json=body, headers=headers).json()
+    via_task = httpx.post(
+        stack.base_url + "/tasks/chat-completion", json=body, headers=headers
+    ).json()
     assert via_alias["choices"] == via_task["choices"]
 
 

@@ -18,8 +18,15 @@ from tests.e2e.conftest import Stack
 from tests.e2e.test_errors import assert_envelope
 
 BEHAVIOURS = [
-    "status-500", "status-429", "status-422", "status-401", "slow", "bad-json", "record",
-    "slow-stream", "die-mid-stream",
+    "status-500",
+    "status-429",
+    "status-422",
+    "status-401",
+    "slow",
+    "bad-json",
+    "record",
+    "slow-stream",
+    "die-mid-stream",
 ]
 CHAT_PARAMS = ["max_tokens", "temperature", "stream", "stream_options"]
 
@@ -42,16 +49,32 @@ def scripted(stack: Stack) -> Stack:
             {
                 "id": f"scripted-{name}",
                 "model": model(name),
-                "upstream": {"base_url": url, "model": name, "timeout_s": 1.0, "api_key": "up-secret"},
+                "upstream": {
+                    "base_url": url,
+                    "model": name,
+                    "timeout_s": 1.0,
+                    "api_key": "up-secret",
+                },
                 "prices": {"prompt_tokens": 1_000_000, "completion_tokens": 2_000_000},
             }
         )
     # fallback: a failing offering first (higher priority), a working one second
     models[model("fallback")] = {"task_classes": ["chat-completion"]}
-    offerings.append({"id": "fallback-broken", "model": model("fallback"), "priority": 10,
-                      "upstream": {"base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1.0}})
-    offerings.append({"id": "fallback-good", "model": model("fallback"),
-                      "upstream": {"base_url": url, "model": "record"}})
+    offerings.append(
+        {
+            "id": "fallback-broken",
+            "model": model("fallback"),
+            "priority": 10,
+            "upstream": {"base_url": "http://127.0.0.1:9/v1", "connect_timeout_s": 1.0},
+        }
+    )
+    offerings.append(
+        {
+            "id": "fallback-good",
+            "model": model("fallback"),
+            "upstream": {"base_url": url, "model": "record"},
+        }
+    )
     stack.apply_catalog({"models": models, "offerings": offerings})
     time.sleep(0.6)
     return stack
@@ -78,7 +101,9 @@ def chat(stack: Stack, name: str, **extra: Any) -> httpx.Response:
         ("slow", 504, "upstream_timeout"),
     ],
 )
-def test_upstream_failures_are_structured(scripted: Stack, name: str, status: int, code: str) -> None:
+def test_upstream_failures_are_structured(
+    scripted: Stack, name: str, status: int, code: str
+) -> None:
     assert_envelope(chat(scripted, name), status, code)
 
 
@@ -87,7 +112,9 @@ def test_upstream_429_keeps_retry_after(scripted: Stack) -> None:
     assert_envelope(resp, 429)
     assert resp.headers["retry-after"] == "7"
     with scripted.client() as client, pytest.raises(openai.RateLimitError):
-        client.chat.completions.create(model=model("status-429"), messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model=model("status-429"), messages=[{"role": "user", "content": "x"}]
+        )
 
 
 def test_unreachable_upstream_falls_back_before_first_byte(scripted: Stack) -> None:
@@ -111,7 +138,9 @@ def test_drop_params(scripted: Stack) -> None:
     assert resp.status_code == 200
     sent = scripted.upstream.received[-1]
     assert "seed" not in sent and "top_p" not in sent and "drop_params" not in sent
-    err = assert_envelope(chat(scripted, "record", seed=5, drop_params=False), 400, "unsupported_parameter")
+    err = assert_envelope(
+        chat(scripted, "record", seed=5, drop_params=False), 400, "unsupported_parameter"
+    )
     assert err["param"] == "seed"
     # a supported parameter passes with drop_params false
     assert chat(scripted, "record", max_tokens=3, drop_params=False).status_code == 200
@@ -134,7 +163,11 @@ def test_client_disconnect_cancels_upstream(scripted: Stack) -> None:
     with httpx.stream(
         "POST",
         scripted.base_url + "/chat/completions",
-        json={"model": model("slow-stream"), "messages": [{"role": "user", "content": "x"}], "stream": True},
+        json={
+            "model": model("slow-stream"),
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+        },
         headers={"Authorization": f"Bearer {scripted.api_key}"},
     ) as resp:
         lines = resp.iter_lines()
@@ -184,7 +217,11 @@ def test_cancelled_stream_is_metered(scripted: Stack) -> None:
     with httpx.stream(
         "POST",
         scripted.base_url + "/chat/completions",
-        json={"model": model("slow-stream"), "messages": [{"role": "user", "content": "x"}], "stream": True},
+        json={
+            "model": model("slow-stream"),
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+        },
         headers={"Authorization": f"Bearer {scripted.api_key}"},
     ) as resp:
         dispatch_id = resp.headers["x-lattice-dispatch-id"]
@@ -203,7 +240,10 @@ def test_cancelled_stream_is_metered(scripted: Stack) -> None:
 
 
 def test_idempotency_replays_and_conflicts(stack: Stack) -> None:
-    body = {"model": "lovelace:llama-3.2-3b-instruct", "messages": [{"role": "user", "content": "idem"}]}
+    body = {
+        "model": "lovelace:llama-3.2-3b-instruct",
+        "messages": [{"role": "user", "content": "idem"}],
+    }
     headers = {"Authorization": f"Bearer {stack.api_key}", "Idempotency-Key": f"k-{time.time_ns()}"}
     first = httpx.post(stack.base_url + "/chat/completions", json=body, headers=headers)
     # the replay is served by the other gateway process
