@@ -14,6 +14,7 @@ from litestar import Request, Response
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from redis.exceptions import RedisError
 
 from gateway.errors import (
     InvalidRequest,
@@ -21,6 +22,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from gateway.logs import request_id_var
@@ -72,6 +74,17 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
     """The one exception handler: every error leaves in the OpenAI envelope."""
     if isinstance(exc, LatticeError):
         return error_response(exc)
+    if isinstance(exc, RedisError):
+        # Redis holds keys, catalog and the usage outbox: without it nothing is served (and
+        # nothing unmetered leaves), but the caller gets a retryable 503, never a 500.
+        log.warning("state store unavailable", extra={"error": type(exc).__name__})
+        return error_response(
+            ServiceUnavailable(
+                "The gateway's state store is unavailable; retry shortly.",
+                code="state_unavailable",
+                retry_after=1.0,
+            )
+        )
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:

@@ -35,7 +35,11 @@ class Gateway:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis or aioredis.Redis.from_url(
-            settings.redis_url, max_connections=512, health_check_interval=30
+            settings.redis_url,
+            max_connections=512,
+            health_check_interval=30,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
         )
         self.metrics = Metrics()
         self.catalog_store = CatalogStore(self.redis)
