@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("lattice.http")
+#: One line per request (method, path, status, duration; never bodies or credentials).
+access = logging.getLogger("lattice.access")
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -193,10 +195,21 @@ def request_context_middleware(metrics: Metrics) -> Any:
             try:
                 await app(scope, receive, send_wrapper)
             finally:
+                elapsed = time.perf_counter() - start
                 metrics.in_flight.dec()
                 label = _route_label(scope["path"])
                 metrics.requests.labels(label, str(status)).inc()
-                metrics.latency.labels(label).observe(time.perf_counter() - start)
+                metrics.latency.labels(label).observe(elapsed)
+                if access.isEnabledFor(logging.INFO):
+                    access.info(
+                        "request",
+                        extra={
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        },
+                    )
                 request_id_var.reset(token)
 
         return middleware

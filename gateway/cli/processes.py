@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from typing import IO
 
 __all__ = ["Child", "python_module", "wait_http_ok", "write_json_atomic"]
 
@@ -40,10 +41,14 @@ class Child:
         args: Sequence[str],
         env: Mapping[str, str] | None = None,
         quiet: bool = False,
+        log_file: os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
         full_env = {**os.environ, **(env or {})}
-        out = subprocess.DEVNULL if quiet else None
+        out: int | IO[bytes] | None = subprocess.DEVNULL if quiet else None
+        if log_file is not None:
+            out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
+        self._log = out if log_file is not None else None
         self.proc = subprocess.Popen(
             list(args), env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
@@ -56,14 +61,15 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None and not isinstance(self._log, int):
+            self._log.close()
 
 
 def python_module(module: str, *args: str) -> list[str]:

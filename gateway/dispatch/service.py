@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 import anyio
@@ -92,6 +92,8 @@ class _Plan(msgspec.Struct):
     dispatch_id: str
     started_ms: int
     tags: dict[str, str]
+    #: The workspace opted in to logging request and response bodies.
+    log_bodies: bool = False
 
 
 def _now_ms() -> int:
@@ -194,6 +196,7 @@ class DispatchService:
             dispatch_id="dsp_" + uuid.uuid4().hex,
             started_ms=_now_ms(),
             tags=tags,
+            log_bodies=getattr(workspace, "log_bodies", False) is True,
         )
 
     def _upstream_body(self, plan: _Plan, call: TaskCall, offering: Offering) -> bytes:
@@ -218,6 +221,8 @@ class DispatchService:
 
     async def dispatch(self, call: TaskCall) -> JsonOutcome | StreamOutcome:
         plan = await self._plan(call)
+        if plan.log_bodies:  # only ever for a workspace that opted in
+            log.info("request body", extra={"dispatch_id": plan.dispatch_id, "body": call.body})
         if plan.stream:
             return await self._dispatch_stream(call, plan)
         key = call.idempotency_key
@@ -281,6 +286,8 @@ class DispatchService:
         if estimated and plan.codec is not None:
             units = self._estimate(plan, call, units, result)
         await self._meter(call, plan, offering, units, estimated, "completed")
+        if plan.log_bodies:
+            log.info("response body", extra={"dispatch_id": plan.dispatch_id, "body": result})
         return JsonOutcome(
             _encoder.encode(result) if plan.codec is not None else raw,
             200,
@@ -318,7 +325,7 @@ class DispatchService:
         plan: _Plan,
         offering: Offering,
         first: bytes | None,
-        upstream: AsyncIterator[bytes],
+        upstream: AsyncGenerator[bytes, None],
     ) -> AsyncIterator[bytes]:
         relay = StreamRelay(plan.display_model, plan.include_usage)
         status = "cancelled"
@@ -345,7 +352,7 @@ class DispatchService:
             # upstream work at once; what was delivered is still metered, shielded from the
             # cancellation so the record is written.
             with anyio.CancelScope(shield=True):
-                await upstream.aclose()  # type: ignore[attr-defined]
+                await upstream.aclose()
                 units, estimated = meter_units(plan.task.meter, relay.usage)
                 if estimated:
                     units = self._estimate_stream(plan, call, units, relay)

@@ -4,16 +4,17 @@ endpoint), with upstream failures mapped to typed gateway errors."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-import aiohttp
 import msgspec
 
 from catalog.model import Upstream
+from gateway.dispatch.http1 import Http1Client, HttpClientError
 from gateway.errors import (
     InvalidRequest,
     LatticeError,
     RateLimited,
+    Unprocessable,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -53,8 +54,12 @@ def map_upstream_status(status: int, body: bytes, retry_after: str | None) -> La
     failing, its 404, its 5xx) is the gateway's fault towards the caller: a 502.
     """
     message = _upstream_message(body)
-    if status in (400, 422):
+    if status == 400:
         return InvalidRequest(f"Upstream rejected the request: {message}", code="upstream_rejected")
+    if status == 422:
+        return Unprocessable(
+            f"Upstream could not process the request: {message}", code="upstream_rejected"
+        )
     if status == 429:
         after = None
         if retry_after:
@@ -67,69 +72,65 @@ def map_upstream_status(status: int, body: bytes, retry_after: str | None) -> La
 
 
 class UpstreamClient:
-    """One aiohttp session (connection pool) for every hosted upstream of a process."""
+    """One connection pool (:class:`~gateway.dispatch.http1.Http1Client`) for every hosted
+    upstream of a process."""
 
-    def __init__(self, *, limit: int = 1024) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._limit = limit
+    def __init__(self, *, max_idle_per_origin: int = 256) -> None:
+        self._http: Http1Client | None = None
+        self._max_idle = max_idle_per_origin
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300),
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
+    def _client(self) -> Http1Client:
+        if self._http is None:
+            self._http = Http1Client(max_idle_per_origin=self._max_idle)
+        return self._http
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
 
     @staticmethod
-    def _headers(upstream: Upstream, stream: bool) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+    def _headers(upstream: Upstream, stream: bool) -> list[tuple[bytes, bytes]]:
+        headers = [(b"Content-Type", b"application/json")]
         key = upstream.api_key
         if key is None and upstream.api_key_env:
             key = os.environ.get(upstream.api_key_env)
         if key:
-            headers["Authorization"] = f"Bearer {key}"
+            headers.append((b"Authorization", b"Bearer " + key.encode("latin-1")))
         if stream:
-            headers["Accept"] = "text/event-stream"
+            headers.append((b"Accept", b"text/event-stream"))
         return headers
 
     @staticmethod
     def _url(upstream: Upstream, path: str) -> str:
         return upstream.base_url.rstrip("/") + path
 
-    def _timeout(self, upstream: Upstream) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=upstream.timeout_s, sock_connect=upstream.connect_timeout_s
-        )
-
     async def post(self, upstream: Upstream, path: str, body: bytes) -> UpstreamResponse:
         """POST and read the whole answer; non-2xx answers raise the mapped error."""
         try:
-            async with self._get_session().post(
+            async with await self._client().request(
+                "POST",
                 self._url(upstream, path),
-                data=body,
-                headers=self._headers(upstream, False),
-                timeout=self._timeout(upstream),
+                body,
+                self._headers(upstream, False),
+                timeout_total=upstream.timeout_s,
+                timeout_connect=upstream.connect_timeout_s,
             ) as resp:
                 data = await resp.read()
-                if resp.status >= 300:
-                    raise map_upstream_status(resp.status, data, resp.headers.get("retry-after"))
-                return UpstreamResponse(resp.status, data)
         except TimeoutError as exc:
             raise UpstreamTimeout("The upstream did not answer in time.") from exc
-        except aiohttp.ClientError as exc:
+        except HttpClientError as exc:
             raise UpstreamError(
                 f"The upstream could not be reached ({type(exc).__name__}).",
                 code="upstream_unreachable",
             ) from exc
+        if resp.status >= 300:
+            raise map_upstream_status(resp.status, data, resp.headers.get("retry-after"))
+        return UpstreamResponse(resp.status, data)
 
-    async def stream(self, upstream: Upstream, path: str, body: bytes) -> AsyncIterator[bytes]:
+    async def stream(
+        self, upstream: Upstream, path: str, body: bytes
+    ) -> AsyncGenerator[bytes, None]:
         """POST and yield the ``data:`` payloads of the SSE answer as they arrive.
 
         Errors before the first payload raise the mapped error (the caller may fall back to
@@ -137,50 +138,43 @@ class UpstreamClient:
         is how a disconnected client cancels the upstream work.
         """
         try:
-            async with self._get_session().post(
+            async with await self._client().request(
+                "POST",
                 self._url(upstream, path),
-                data=body,
-                headers=self._headers(upstream, True),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=upstream.connect_timeout_s,
-                    sock_read=upstream.timeout_s,
-                ),
+                body,
+                self._headers(upstream, True),
+                timeout_total=None,
+                timeout_connect=upstream.connect_timeout_s,
+                timeout_read=upstream.timeout_s,
             ) as resp:
                 if resp.status >= 300:
-                    data = await resp.read()
-                    raise map_upstream_status(resp.status, data, resp.headers.get("retry-after"))
-                async for payload in _sse_payloads(resp.content):
-                    yield payload
+                    answer = await resp.read()
+                    raise map_upstream_status(resp.status, answer, resp.headers.get("retry-after"))
+                # SSE events (https://html.spec.whatwg.org/multipage/server-sent-events.html
+                # #event-stream-interpretation): each event's data lines joined by "\n";
+                # stops at [DONE]. Comments (":") and other fields (event:, id:, retry:)
+                # carry nothing we relay. Parsed inline: no nested generator to finalise.
+                data: list[bytes] = []
+                async for line in resp.iter_lines():
+                    if not line:
+                        if data:
+                            payload = data[0] if len(data) == 1 else b"\n".join(data)
+                            data = []
+                            if payload == b"[DONE]":
+                                return
+                            yield payload
+                        continue
+                    if line.startswith(b"data:"):
+                        value = line[5:]
+                        data.append(value[1:] if value.startswith(b" ") else value)
+                if data:
+                    payload = b"\n".join(data)
+                    if payload != b"[DONE]":
+                        yield payload
         except TimeoutError as exc:
             raise UpstreamTimeout("The upstream stopped answering.") from exc
-        except aiohttp.ClientError as exc:
+        except HttpClientError as exc:
             raise UpstreamError(
                 f"The upstream connection failed ({type(exc).__name__}).",
                 code="upstream_unreachable",
             ) from exc
-
-
-async def _sse_payloads(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """Yield each event's data (multi-line data joined by ``\\n``), per the SSE spec
-    (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
-    Stops at ``[DONE]``."""
-    data: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                payload = b"\n".join(data)
-                data = []
-                if payload == b"[DONE]":
-                    return
-                yield payload
-            continue
-        if line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-        # comments (":") and other fields (event:, id:, retry:) carry nothing we relay
-    if data:
-        payload = b"\n".join(data)
-        if payload != b"[DONE]":
-            yield payload

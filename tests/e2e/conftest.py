@@ -38,6 +38,7 @@ class Stack:
     upstream: ScriptedUpstream
     signing_key: ECKey
     children: list[Child] = field(default_factory=list)
+    log_files: list[Path] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -117,15 +118,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "LATTICE_REDIS_URL": redis.url,
             "LATTICE_JWT_ISSUERS": json.dumps(issuers),
             "LATTICE_MAX_BODY_BYTES": str(256 * 1024),
-            "LATTICE_LOG_LEVEL": "warning",
+            "LATTICE_LOG_LEVEL": "info",
         }
         gateways = []
-        for _ in range(2):
+        log_files = []
+        for i in range(2):
             port = free_port()
+            log_files.append(data / f"gateway-{i}.log")
             child = Child(
                 "gateway",
                 python_module("gateway.cli.main", "serve", "--port", str(port)),
                 env=env,
+                log_file=log_files[-1],
             )
             children.append(child)
             gateways.append(f"http://127.0.0.1:{port}")
@@ -140,6 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             upstream=upstream,
             signing_key=key,
             children=children,
+            log_files=log_files,
         )
     finally:
         for child in reversed(children):

@@ -20,7 +20,9 @@ def test_gateway_survives_a_redis_outage(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     sim_port = free_port()
-    sim = Child("sim", python_module("gateway.cli.main", "sim", "--port", str(sim_port)), quiet=True)
+    sim = Child(
+        "sim", python_module("gateway.cli.main", "sim", "--port", str(sim_port)), quiet=True
+    )
     gateway = None
     try:
         sim_url = f"http://127.0.0.1:{sim_port}/v1"
@@ -36,7 +38,9 @@ def test_gateway_survives_a_redis_outage(tmp_path: Path) -> None:
         wait_http_ok(base + "/readyz", 60, gateway.proc)
         headers = {"Authorization": f"Bearer {creds['api_key']}"}
         body = {"messages": [{"role": "user", "content": "x"}]}
-        assert httpx.post(base + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        assert (
+            httpx.post(base + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        )
 
         redis.stop()  # Redis goes away
         time.sleep(0.6)  # past the credential cache
@@ -52,7 +56,9 @@ def test_gateway_survives_a_redis_outage(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + 10
             while True:
-                resp = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=15)
+                resp = httpx.post(
+                    base + "/v1/chat/completions", json=body, headers=headers, timeout=15
+                )
                 if resp.status_code == 200:
                     break
                 assert time.monotonic() < deadline, resp.text

@@ -96,7 +96,7 @@ def chat(stack: Stack, name: str, **extra: Any) -> httpx.Response:
     [
         ("status-500", 502, "upstream_error"),
         ("status-401", 502, "upstream_error"),
-        ("status-422", 400, "upstream_rejected"),
+        ("status-422", 422, "upstream_rejected"),
         ("bad-json", 502, "upstream_error"),
         ("slow", 504, "upstream_timeout"),
     ],

@@ -126,7 +126,9 @@ def test_settings_from_env() -> None:
             "LATTICE_REDIS_URL": "redis://x:1/2",
             "LATTICE_PORT": "9",
             "LATTICE_DROP_PARAMS": "false",
-            "LATTICE_JWT_ISSUERS": '[{"issuer": "i", "jwks_url": "https://i/jwks", "audience": "a"}]',
+            "LATTICE_JWT_ISSUERS": (
+                '[{"issuer": "i", "jwks_url": "https://i/jwks", "audience": "a"}]'
+            ),
         }
     )
     assert settings.redis_url == "redis://x:1/2" and settings.port == 9
