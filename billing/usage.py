@@ -16,7 +16,14 @@ from redis.asyncio import Redis
 
 from billing.keys import USAGE_STREAM
 
-__all__ = ["RedisUsageOutbox", "UsageOutbox", "UsageRecord", "decode_record", "encode_record"]
+__all__ = [
+    "DiscardingOutbox",
+    "RedisUsageOutbox",
+    "UsageOutbox",
+    "UsageRecord",
+    "decode_record",
+    "encode_record",
+]
 
 
 class UsageRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,6 +66,13 @@ def decode_record(data: bytes) -> UsageRecord:
 
 class UsageOutbox(Protocol):
     async def append(self, record: UsageRecord) -> str: ...
+
+
+class DiscardingOutbox:
+    """Drops every record: for measuring what metering costs (``LATTICE_METERING=0``)."""
+
+    async def append(self, record: UsageRecord) -> str:
+        return ""
 
 
 class RedisUsageOutbox:

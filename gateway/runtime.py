@@ -12,7 +12,7 @@ import logging
 
 import redis.asyncio as aioredis
 
-from billing.usage import RedisUsageOutbox
+from billing.usage import DiscardingOutbox, RedisUsageOutbox
 from catalog.loader import load_seed
 from gateway import keys
 from gateway.auth.apikeys import ApiKeyStore
@@ -54,7 +54,7 @@ class Gateway:
             catalog=self.catalog,
             workspaces=self.workspaces,
             upstreams=self.upstreams,
-            outbox=RedisUsageOutbox(self.redis),
+            outbox=RedisUsageOutbox(self.redis) if settings.metering else DiscardingOutbox(),
             idempotency=self.idempotency,
             metrics=self.metrics,
             drop_params_default=settings.drop_params,

@@ -27,6 +27,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jwt_issuers: tuple[JwtIssuer, ...] = ()
     #: Seed the catalog from the packaged files when Redis holds none.
     seed_catalog: bool = True
+    #: Write usage records. Only benchmarks turn this off, to measure what metering costs;
+    #: a gateway without metering serves unbilled requests.
+    metering: bool = True
     log_level: str = "info"
     #: Log as JSON lines (one object per line, carrying the request id).
     log_json: bool = True
@@ -49,6 +52,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object)
         "LATTICE_CATALOG_POLL_S": ("catalog_poll_s", float),
         "LATTICE_DROP_PARAMS": ("drop_params", _bool),
         "LATTICE_SEED_CATALOG": ("seed_catalog", _bool),
+        "LATTICE_METERING": ("metering", _bool),
         "LATTICE_LOG_LEVEL": ("log_level", str),
         "LATTICE_LOG_JSON": ("log_json", _bool),
     }
