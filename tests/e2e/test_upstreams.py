@@ -259,3 +259,49 @@ def test_idempotency_replays_and_conflicts(stack: Stack) -> None:
             messages=[{"role": "user", "content": "different"}],
             extra_headers={"Idempotency-Key": headers["Idempotency-Key"]},
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "exception", "status"),
+    [
+        ("status-422", openai.UnprocessableEntityError, 422),
+        ("status-500", openai.InternalServerError, 502),
+        ("slow", openai.InternalServerError, 504),
+    ],
+)
+def test_sdk_exceptions_for_upstream_statuses(
+    scripted: Stack, name: str, exception: type[openai.APIStatusError], status: int
+) -> None:
+    with scripted.client() as client, pytest.raises(exception) as info:
+        client.chat.completions.create(
+            model=model(name), messages=[{"role": "user", "content": "x"}]
+        )
+    assert info.value.status_code == status
+    assert info.value.response.headers["x-request-id"]
+
+
+def test_sdk_exceptions_for_413_and_503(stack: Stack) -> None:
+    with stack.client() as client:
+        with pytest.raises(openai.APIStatusError) as too_big:
+            client.chat.completions.create(
+                model="lovelace:llama-3.2-3b-instruct",
+                messages=[{"role": "user", "content": "x" * 300_000}],
+            )
+        assert too_big.value.status_code == 413
+        stack.apply_catalog(
+            {"models": {"lovelace:unserved": {"task_classes": ["chat-completion"]}}}
+        )
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                client.chat.completions.create(
+                    model="lovelace:unserved", messages=[{"role": "user", "content": "x"}]
+                )
+            except openai.NotFoundError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+                continue
+            except openai.InternalServerError as exc:
+                assert exc.status_code == 503 and exc.code == "no_capacity"
+                break
+            raise AssertionError("expected a 503")
