@@ -3,8 +3,10 @@ endpoint), with upstream failures mapped to typed gateway errors."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 
@@ -155,12 +157,14 @@ class UpstreamClient:
                 # stops at [DONE]. Comments (":") and other fields (event:, id:, retry:)
                 # carry nothing we relay. Parsed inline: no nested generator to finalise.
                 data: list[bytes] = []
-                async for line in resp.iter_lines():
+                lines = resp.iter_lines()
+                async for line in lines:
                     if not line:
                         if data:
                             payload = data[0] if len(data) == 1 else b"\n".join(data)
                             data = []
                             if payload == b"[DONE]":
+                                await _drain(lines)
                                 return
                             yield payload
                         continue
@@ -178,3 +182,20 @@ class UpstreamClient:
                 f"The upstream connection failed ({type(exc).__name__}).",
                 code="upstream_unreachable",
             ) from exc
+
+
+#: How long to wait, after ``[DONE]``, for the end of the upstream's response (usually the
+#: chunked terminator, already in flight) so that its connection can be reused.
+_DRAIN_AFTER_DONE_S = 0.05
+
+
+async def _drain(lines: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` so the connection returns to the pool; an upstream that
+    keeps the stream open is cut off after a moment (its connection is then closed)."""
+
+    async def consume() -> None:
+        async for _ in lines:
+            pass
+
+    with contextlib.suppress(TimeoutError, HttpClientError):
+        await asyncio.wait_for(consume(), _DRAIN_AFTER_DONE_S)
