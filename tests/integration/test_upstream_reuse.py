@@ -16,7 +16,7 @@ from gateway.dispatch.upstream import UpstreamClient
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimThread]:
-    thread = SimThread(SimConfig()).start()
+    thread = SimThread(SimConfig(token_delay_ms=2)).start()
     yield thread
     thread.stop()
 
