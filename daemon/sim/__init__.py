@@ -1,6 +1,9 @@
 """``lattice sim``: a deterministic *simulated* OpenAI-compatible backend (not a real model).
 
-- :mod:`daemon.sim.engine` — pure generation logic (:class:`SimEngine`), usable in-process;
+- :mod:`daemon.sim.engine` — pure generation logic (:class:`SimEngine`), usable in-process,
+  over :mod:`~daemon.sim.generation` (seeded tokens and logprobs), :mod:`~daemon.sim.chat`,
+  :mod:`~daemon.sim.completions` (legacy), :mod:`~daemon.sim.embeddings`,
+  :mod:`~daemon.sim.inputs` (request fields they share) and :mod:`~daemon.sim.errors`;
 - :mod:`daemon.sim.protocol` — the msgspec wire types it reads and writes;
 - :mod:`daemon.sim.server` — a raw ASGI app on uvicorn (:func:`create_app`, :func:`serve`,
   :func:`main`, :class:`SimThread` for tests and benchmarks).
