@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from redis.exceptions import RedisError
 
+from billing.spool import SpoolWriteError
 from gateway.errors import (
     InvalidRequest,
     LatticeError,
@@ -84,6 +85,16 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
             ServiceUnavailable(
                 "The gateway's state store is unavailable; retry shortly.",
                 code="state_unavailable",
+                retry_after=1.0,
+            )
+        )
+    if isinstance(exc, SpoolWriteError):
+        # The usage record could not be made durable (disk full): nothing unmetered leaves.
+        log.error("usage spool unavailable", extra={"error": str(exc)})
+        return error_response(
+            ServiceUnavailable(
+                "The gateway cannot record usage right now; retry shortly.",
+                code="usage_spool_unavailable",
                 retry_after=1.0,
             )
         )

@@ -12,7 +12,8 @@ import logging
 
 import redis.asyncio as aioredis
 
-from billing.usage import DiscardingOutbox, RedisUsageOutbox
+from billing.spool import SpoolOutbox
+from billing.usage import DiscardingOutbox, UsageOutbox
 from catalog.loader import load_seed
 from gateway import keys
 from gateway.auth.apikeys import ApiKeyStore
@@ -24,7 +25,7 @@ from gateway.dispatch.service import DispatchService
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import Metrics
-from gateway.settings import Settings
+from gateway.settings import Settings, spool_path
 
 __all__ = ["Gateway"]
 
@@ -50,11 +51,14 @@ class Gateway:
         self.authenticator = Authenticator(self.apikeys, self.jwt)
         self.upstreams = UpstreamClient()
         self.idempotency = IdempotencyStore(self.redis)
+        #: Usage records go to a local spool, shipped to Redis in the background.
+        self.spool = SpoolOutbox(spool_path(settings), self.redis) if settings.metering else None
+        outbox: UsageOutbox = self.spool or DiscardingOutbox()
         self.service = DispatchService(
             catalog=self.catalog,
             workspaces=self.workspaces,
             upstreams=self.upstreams,
-            outbox=RedisUsageOutbox(self.redis) if settings.metering else DiscardingOutbox(),
+            outbox=outbox,
             idempotency=self.idempotency,
             metrics=self.metrics,
             drop_params_default=settings.drop_params,
@@ -66,6 +70,8 @@ class Gateway:
         if self.settings.seed_catalog:
             await self.catalog_store.seed_if_empty(load_seed())
         await self.catalog.start()
+        if self.spool is not None:
+            await self.spool.start()
         self._events_task = asyncio.create_task(self._listen_events(), name="lattice-events")
         self.started = True
 
@@ -79,6 +85,8 @@ class Gateway:
         await self.upstreams.close()
         if self.jwt is not None:
             await self.jwt.close()
+        if self.spool is not None:
+            await self.spool.stop()  # ships what it can while Redis is still open
         await self.redis.aclose()
 
     async def ready(self) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
 from gateway.auth.jwt import JwtIssuer
 
-__all__ = ["Settings", "settings_from_env"]
+__all__ = ["Settings", "default_spool_dir", "settings_from_env", "spool_path"]
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -30,9 +31,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Write usage records. Only benchmarks turn this off, to measure what metering costs;
     #: a gateway without metering serves unbilled requests.
     metering: bool = True
+    #: Directory of the local usage spool (``billing/spool.py``); empty: the default below.
+    spool_dir: str = ""
     log_level: str = "info"
     #: Log as JSON lines (one object per line, carrying the request id).
     log_json: bool = True
+
+
+def default_spool_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/lattice/spool``, else ``~/.local/state/lattice/spool``."""
+    env = os.environ if env is None else env
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "lattice" / "spool"
+
+
+def spool_path(settings: Settings) -> Path:
+    return Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
 
 
 def _bool(value: str) -> bool:
@@ -53,6 +67,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object)
         "LATTICE_DROP_PARAMS": ("drop_params", _bool),
         "LATTICE_SEED_CATALOG": ("seed_catalog", _bool),
         "LATTICE_METERING": ("metering", _bool),
+        "LATTICE_SPOOL_DIR": ("spool_dir", str),
         "LATTICE_LOG_LEVEL": ("log_level", str),
         "LATTICE_LOG_JSON": ("log_json", _bool),
     }

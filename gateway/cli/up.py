@@ -188,7 +188,11 @@ def run_up(args: argparse.Namespace) -> int:
         gateway = Child(
             "gateway",
             python_module("gateway.cli.main", "serve", "--host", args.host, "--port", str(port)),
-            env={"LATTICE_REDIS_URL": redis_url, "LATTICE_LOG_JSON": "0"},
+            env={
+                "LATTICE_REDIS_URL": redis_url,
+                "LATTICE_LOG_JSON": "0",
+                "LATTICE_SPOOL_DIR": str(data_dir / "spool"),
+            },
         )
         children.append(gateway)
         wait_http_ok(f"{gateway_url}/readyz", 60, gateway.proc)

@@ -119,6 +119,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "LATTICE_JWT_ISSUERS": json.dumps(issuers),
             "LATTICE_MAX_BODY_BYTES": str(256 * 1024),
             "LATTICE_LOG_LEVEL": "info",
+            "LATTICE_SPOOL_DIR": str(data / "spool"),  # shared: each gateway owns its own file
         }
         gateways = []
         log_files = []

@@ -32,7 +32,11 @@ def test_gateway_survives_a_redis_outage(tmp_path: Path) -> None:
         gateway = Child(
             "gateway",
             python_module("gateway.cli.main", "serve", "--port", str(port)),
-            env={"LATTICE_REDIS_URL": redis.url, "LATTICE_LOG_LEVEL": "error"},
+            env={
+                "LATTICE_REDIS_URL": redis.url,
+                "LATTICE_LOG_LEVEL": "error",
+                "LATTICE_SPOOL_DIR": str(tmp_path / "spool"),
+            },
         )
         base = f"http://127.0.0.1:{port}"
         wait_http_ok(base + "/readyz", 60, gateway.proc)

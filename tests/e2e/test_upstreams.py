@@ -197,10 +197,22 @@ def usage_records(stack: Stack) -> list[Any]:
         client.close()
 
 
+def records_of(stack: Stack, dispatch_id: str, deadline_s: float = 3.0) -> list[Any]:
+    """The stream's records of one dispatch, polled: the spool ships them within milliseconds."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        records = [r for r in usage_records(stack) if r.dispatch_id == dispatch_id]
+        if records or time.monotonic() > deadline:
+            return records
+        time.sleep(0.02)
+
+
 def test_one_usage_record_per_dispatch(scripted: Stack) -> None:
     resp = chat(scripted, "record", metadata={"team": "ml"})
     dispatch_id = resp.headers["x-lattice-dispatch-id"]
-    records = [r for r in usage_records(scripted) if r.dispatch_id == dispatch_id]
+    records = records_of(scripted, dispatch_id)
+    time.sleep(0.1)  # and no second one follows
+    assert records_of(scripted, dispatch_id) == records
     assert len(records) == 1
     rec = records[0]
     assert rec.workspace == "dev" and rec.offering == "scripted-record"
@@ -228,12 +240,7 @@ def test_cancelled_stream_is_metered(scripted: Stack) -> None:
         lines = resp.iter_lines()
         for _ in range(4):
             next(lines)
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        records = [r for r in usage_records(scripted) if r.dispatch_id == dispatch_id]
-        if records:
-            break
-        time.sleep(0.05)
+    records = records_of(scripted, dispatch_id)
     assert len(records) == 1
     assert records[0].status == "cancelled"
     assert records[0].units["completion_tokens"] >= 1 and records[0].units_estimated
