@@ -31,6 +31,9 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("lattice.gateway")
 
+#: How long found keys and workspaces stay cached while change events are being received.
+EVENT_CACHE_TTL_S = 30.0
+
 
 class Gateway:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
@@ -94,29 +97,48 @@ class Gateway:
             await self.redis.ping()
         except (aioredis.RedisError, OSError):
             return False
-        return self.started
+        return self.started and self.catalog.current.version > 0
 
     async def _listen_events(self) -> None:
-        """Drop cached credentials the moment another process revokes them (the caches'
-        short TTL bounds the delay when this subscription is down)."""
+        """Apply other processes' changes the moment they happen: revoked keys, changed
+        workspaces, new catalog versions.
+
+        While subscribed, revocations arrive as events, so found keys and workspaces may be
+        cached longer (:data:`EVENT_CACHE_TTL_S`); the caches are cleared whenever the
+        subscription starts or stops, and without it they fall back to their short TTL, which
+        alone keeps revocation within a second.
+        """
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 async for message in pubsub.listen():
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        # From here on no event can be missed: drop what was cached before.
+                        self._set_cache_ttl(EVENT_CACHE_TTL_S)
+                        continue
                     data = message.get("data")
-                    if isinstance(data, (bytes, str)):
-                        self.apikeys.handle_event(data)
-                        text = data.decode() if isinstance(data, bytes) else data
-                        if text.startswith("workspace-changed:"):
-                            self.workspaces.invalidate(text.split(":", 1)[1])
-                        elif text.startswith("catalog:"):
-                            await self.catalog.run_once()
+                    if kind == "message" and isinstance(data, (bytes, str)):
+                        await self._apply_event(data.decode() if isinstance(data, bytes) else data)
             except asyncio.CancelledError:
                 raise
             except (aioredis.RedisError, OSError) as exc:
+                self._set_cache_ttl(None)
                 log.warning("event subscription lost; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _set_cache_ttl(self, ttl_s: float | None) -> None:
+        self.apikeys.set_cache_ttl(ttl_s)
+        self.workspaces.set_cache_ttl(ttl_s)
+
+    async def _apply_event(self, text: str) -> None:
+        if self.apikeys.handle_event(text):
+            return
+        if text.startswith("workspace-changed:"):
+            self.workspaces.invalidate(text.split(":", 1)[1])
+        elif text.startswith("catalog:"):
+            await self.catalog.run_once()

@@ -22,6 +22,9 @@ a tenant; only :meth:`ApiKeyStore.create_admin_key` makes them.
 Revocation reaches every process within ``cache_ttl_s`` (0.5 s) through the cache TTL alone;
 :meth:`ApiKeyStore.revoke` also publishes ``key-revoked:<id>`` on ``keys.EVENTS_CHANNEL`` so a
 listener can call :meth:`ApiKeyStore.invalidate` (or :meth:`ApiKeyStore.handle_event`) at once.
+While such a listener is subscribed it may lengthen the TTL of *found* keys
+(:meth:`ApiKeyStore.set_cache_ttl`), since revocations then arrive as events; lookups that found
+nothing always keep the short TTL, so a new key works within it.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ class ApiKeyStore:
     ) -> None:
         self._redis = redis
         self._ttl = cache_ttl_s
+        self._short_ttl = cache_ttl_s
         self._clock = clock
         self._cache: dict[str, _CacheEntry] = {}
 
@@ -286,6 +290,12 @@ class ApiKeyStore:
         """Drop this process's cached copy of one key (on ``key-revoked:<id>``)."""
         self._cache.pop(key_id, None)
 
+    def set_cache_ttl(self, ttl_s: float | None) -> None:
+        """Keep found keys ``ttl_s`` seconds (``None``: back to the constructor's TTL) and
+        forget everything cached: called when revocation events start or stop arriving."""
+        self._ttl = self._short_ttl if ttl_s is None else ttl_s
+        self._cache.clear()
+
     def handle_event(self, message: bytes | str) -> bool:
         """Apply one ``EVENTS_CHANNEL`` message; ``True`` if it was a key revocation."""
         text = _text(message)
@@ -297,7 +307,9 @@ class ApiKeyStore:
     async def _lookup(self, key_id: str) -> _CacheEntry:
         now = self._clock()
         entry = self._cache.get(key_id)
-        if entry is not None and now - entry.fetched_at < self._ttl:
+        if entry is not None and now - entry.fetched_at < (
+            self._ttl if entry.record is not None else self._short_ttl
+        ):
             return entry
         decoded = _decode(await self._redis.hgetall(keys.apikey(key_id)))
         if decoded is None:

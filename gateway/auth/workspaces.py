@@ -100,6 +100,7 @@ class WorkspaceStore:
     ) -> None:
         self._redis = redis
         self._ttl = cache_ttl_s
+        self._short_ttl = cache_ttl_s
         self._clock = clock
         self._cache: dict[str, tuple[Workspace | None, float]] = {}
 
@@ -122,8 +123,10 @@ class WorkspaceStore:
         """The workspace, or ``None``; may be up to ``cache_ttl_s`` old."""
         hit = self._cache.get(name)
         now = self._clock()
-        if hit is not None and now - hit[1] < self._ttl:
-            return hit[0]
+        if hit is not None:
+            ttl = self._ttl if hit[0] is not None else self._short_ttl
+            if now - hit[1] < ttl:
+                return hit[0]
         if not WORKSPACE_NAME_RE.fullmatch(name):
             return None
         ws = await self._fetch(name)
@@ -165,6 +168,12 @@ class WorkspaceStore:
                     continue
         self.invalidate(name)
         return ws
+
+    def set_cache_ttl(self, ttl_s: float | None) -> None:
+        """Keep found workspaces ``ttl_s`` seconds (``None``: the constructor's TTL) and forget
+        everything cached: called when change events start or stop arriving."""
+        self._ttl = self._short_ttl if ttl_s is None else ttl_s
+        self._cache.clear()
 
     def invalidate(self, name: str) -> None:
         """Forget this process's cached copy of the workspace."""
