@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import anyio
@@ -75,7 +75,7 @@ class JsonOutcome(msgspec.Struct):
 
 
 class StreamOutcome(msgspec.Struct):
-    events: AsyncIterator[bytes]
+    events: AsyncGenerator[bytes, None]
     headers: dict[str, str] = {}
 
 
@@ -326,7 +326,7 @@ class DispatchService:
         offering: Offering,
         first: bytes | None,
         upstream: AsyncGenerator[bytes, None],
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         relay = StreamRelay(plan.display_model, plan.include_usage)
         status = "cancelled"
         try:

@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import BaseRouteHandler
-from litestar.response import Stream
 
 from gateway.auth.principal import Principal, Scope
 from gateway.dispatch.service import JsonOutcome, TaskCall
@@ -20,11 +19,11 @@ from gateway.errors import ModelNotFound, NotFound, PermissionDenied
 from gateway.http import json_response, read_json_object, request_id
 from gateway.openai.protocol import ModelList, ModelObject
 from gateway.runtime import Gateway
+from gateway.sse import EventStream
 
 __all__ = ["openai_routes"]
 
 _encoder = msgspec.json.Encoder()
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def openai_routes(gw: Gateway) -> list[BaseRouteHandler]:
@@ -45,11 +44,7 @@ def openai_routes(gw: Gateway) -> list[BaseRouteHandler]:
         outcome = await gw.service.dispatch(call)
         if isinstance(outcome, JsonOutcome):
             return json_response(outcome.body, outcome.status, outcome.headers)
-        return Stream(
-            outcome.events,
-            media_type="text/event-stream",
-            headers={**_SSE_HEADERS, **outcome.headers},
-        )
+        return EventStream(outcome.events, outcome.headers)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
