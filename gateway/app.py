@@ -14,6 +14,7 @@ from litestar.types import ASGIApp
 from gateway.admin.routes import admin_routes
 from gateway.http import exception_to_response, json_response, request_context_middleware
 from gateway.logs import configure_logging
+from gateway.openai.dispatch_app import dispatch_app
 from gateway.openai.routes import openai_routes
 from gateway.runtime import Gateway
 from gateway.settings import Settings, settings_from_env
@@ -41,8 +42,9 @@ def _health_routes(gw: Gateway) -> list[BaseRouteHandler]:
 
 
 def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp:
-    """The gateway as an ASGI app: Litestar inside the request-context middleware, which
-    wraps routing too so that even a 404 or 405 carries its ``x-request-id``."""
+    """The gateway as an ASGI app: the request-context middleware (request id, metrics,
+    access log — around everything, so even a 404 carries its ``x-request-id``), then the
+    dispatch routes (:mod:`gateway.openai.dispatch_app`), then Litestar for the rest."""
     gw = gateway or Gateway(settings)
 
     @asynccontextmanager
@@ -63,7 +65,8 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp
         debug=False,
     )
     app.state.gateway = gw
-    return request_context_middleware(gw.metrics)(app)  # type: ignore[no-any-return]
+    dispatch = dispatch_app(gw)(app)
+    return request_context_middleware(gw.metrics)(dispatch)  # type: ignore[no-any-return]
 
 
 def create_app_from_env() -> ASGIApp:

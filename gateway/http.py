@@ -30,6 +30,10 @@ from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 
 __all__ = [
+    "as_lattice_error",
+    "check_json_headers",
+    "decode_json_object",
+    "error_body",
     "error_response",
     "exception_to_response",
     "json_response",
@@ -58,7 +62,8 @@ def json_response(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def error_response(exc: LatticeError) -> Response[bytes]:
+def error_body(exc: LatticeError) -> tuple[bytes, dict[str, str] | None]:
+    """The OpenAI error envelope for ``exc``, and its extra headers (``retry-after``)."""
     body = {
         "error": {
             "message": exc.message,
@@ -70,69 +75,70 @@ def error_response(exc: LatticeError) -> Response[bytes]:
     headers = None
     if exc.retry_after is not None:
         headers = {"retry-after": str(max(1, round(exc.retry_after)))}
-    return json_response(_encoder.encode(body), exc.status, headers)
+    return _encoder.encode(body), headers
 
 
-def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    """The one exception handler: every error leaves in the OpenAI envelope."""
+def error_response(exc: LatticeError) -> Response[bytes]:
+    body, headers = error_body(exc)
+    return json_response(body, exc.status, headers)
+
+
+def as_lattice_error(exc: Exception, method: str, path: str) -> LatticeError:
+    """What the caller is told about any exception: typed errors as they are, a lost state
+    store or usage spool as a retryable 503, framework errors by their status, and anything
+    else as a logged 500 that reveals nothing."""
     if isinstance(exc, LatticeError):
-        return error_response(exc)
+        return exc
     if isinstance(exc, RedisError):
         # Redis holds keys, catalog and the usage outbox: without it nothing is served (and
         # nothing unmetered leaves), but the caller gets a retryable 503, never a 500.
         log.warning("state store unavailable", extra={"error": type(exc).__name__})
-        return error_response(
-            ServiceUnavailable(
-                "The gateway's state store is unavailable; retry shortly.",
-                code="state_unavailable",
-                retry_after=1.0,
-            )
+        return ServiceUnavailable(
+            "The gateway's state store is unavailable; retry shortly.",
+            code="state_unavailable",
+            retry_after=1.0,
         )
     if isinstance(exc, SpoolWriteError):
         # The usage record could not be made durable (disk full): nothing unmetered leaves.
         log.error("usage spool unavailable", extra={"error": str(exc)})
-        return error_response(
-            ServiceUnavailable(
-                "The gateway cannot record usage right now; retry shortly.",
-                code="usage_spool_unavailable",
-                retry_after=1.0,
-            )
+        return ServiceUnavailable(
+            "The gateway cannot record usage right now; retry shortly.",
+            code="usage_spool_unavailable",
+            retry_after=1.0,
         )
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:
-            return error_response(
-                NotFound(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
-            )
+            return NotFound(f"Invalid URL ({method} {path})", code="unknown_url")
         if status == 405:
-            return error_response(
-                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
-            )
+            return MethodNotAllowed(f"Method {method} is not allowed on {path}.")
         if status == 413:
-            return error_response(PayloadTooLarge("The request body is too large."))
+            return PayloadTooLarge("The request body is too large.")
         if 400 <= status < 500:
-            return error_response(InvalidRequest(str(exc.detail), code="invalid_request"))
-    log.exception("unhandled error", extra={"path": request.url.path})
-    return error_response(LatticeError("The server had an error while processing your request."))
+            return InvalidRequest(str(exc.detail), code="invalid_request")
+    log.error("unhandled error", exc_info=exc, extra={"path": path})
+    return LatticeError("The server had an error while processing your request.")
 
 
-async def read_json_object(
-    request: Request[Any, Any, Any], limit: int
-) -> tuple[bytes, dict[str, Any]]:
-    """The raw body and its JSON object; 413/415/400 in the caller's format otherwise."""
-    ctype = request.headers.get("content-type")
-    if ctype is not None:
-        base = ctype.split(";", 1)[0].strip().lower()
+def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """The one exception handler: every error leaves in the OpenAI envelope."""
+    return error_response(as_lattice_error(exc, request.method, request.url.path))
+
+
+def check_json_headers(content_type: str | None, content_length: str | None, limit: int) -> None:
+    """415 for a body that does not say it is JSON; 413 for one announced too large."""
+    if content_type is not None:
+        base = content_type.split(";", 1)[0].strip().lower()
         if base not in _JSON_TYPES and not base.endswith("+json"):
             raise UnsupportedMediaType(
                 f"Unsupported Content-Type '{base}': send 'Content-Type: application/json'."
             )
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object; 400 ``invalid_json`` for anything else."""
     if not raw.strip():
         raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
     try:
@@ -143,7 +149,20 @@ async def read_json_object(
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    return raw, body
+    return body
+
+
+async def read_json_object(
+    request: Request[Any, Any, Any], limit: int
+) -> tuple[bytes, dict[str, Any]]:
+    """The raw body and its JSON object; 413/415/400 in the caller's format otherwise."""
+    check_json_headers(
+        request.headers.get("content-type"), request.headers.get("content-length"), limit
+    )
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    return raw, decode_json_object(raw)
 
 
 def _route_label(path: str) -> str:

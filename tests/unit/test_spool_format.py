@@ -1,12 +1,20 @@
 """The usage spool's frame format, bytes in and frames out: round trip, a torn tail left
-pending, damage in the middle skipped, damage at the end of a finished file quarantined."""
+pending, damage in the middle skipped, damage at the end of a finished file quarantined, and
+where an offset falls relative to frame boundaries."""
 
 from __future__ import annotations
 
 import pytest
 
 from billing.spool import backoff_delay
-from billing.spool_format import FRAME_OVERHEAD, MAX_PAYLOAD, encode_frame, scan_frames
+from billing.spool_format import (
+    FRAME_OVERHEAD,
+    MAX_PAYLOAD,
+    encode_frame,
+    frame_end,
+    scan_frames,
+    span_at,
+)
 
 
 def frames(*payloads: bytes) -> bytes:
@@ -84,3 +92,19 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert 0.025 <= backoff_delay(1) <= 0.05
     assert 0.1 <= backoff_delay(3) <= 0.2
     assert all(1.0 <= backoff_delay(n) <= 2.0 for n in range(10, 40))
+
+
+def test_span_at_tells_frame_boundaries() -> None:
+    a, b = encode_frame(b"first"), encode_frame(b"second")
+    bad = bytearray(encode_frame(b"third"))
+    bad[8] ^= 0x55
+    buf = a + b + bytes(bad) + encode_frame(b"4")
+    scan = scan_frames(buf)
+    assert len(scan.frames) == 3 and len(scan.corrupt) == 1
+    assert frame_end(0, b"first") == len(a)
+    for boundary in (0, len(a), len(a) + len(b), len(a) + len(b) + len(bad), len(buf)):
+        assert span_at(scan, boundary) is None
+    assert span_at(scan, 1) == (0, len(a))
+    assert span_at(scan, len(a) + 3) == (len(a), len(a) + len(b))
+    damaged = len(a) + len(b)
+    assert span_at(scan, damaged + 2) == (damaged, damaged + len(bad))
