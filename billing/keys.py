@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["USAGE_GROUP", "USAGE_SEEN_TTL_S", "USAGE_STREAM", "usage_seen"]
+__all__ = ["USAGE_GROUP", "USAGE_SPOOL_OFFSET_TTL_S", "USAGE_STREAM", "spool_offset"]
 
 #: Redis stream of usage records (one entry per completed dispatch), consumed by the
 #: billing worker through the consumer group below.
 USAGE_STREAM = "lat:usage"
 USAGE_GROUP = "billing"
-#: How long the spool shipper remembers that a dispatch's record is in the stream: a batch
-#: shipped again within this window (a crash between XADD and the offset write) adds nothing.
-USAGE_SEEN_TTL_S = 86_400
+#: Lifetime of a spool file's shipped offset, refreshed by every batch shipped from the file.
+#: The shipper deletes the key once the file is fully shipped and deleted; the TTL only
+#: collects the keys of files that vanished otherwise (a crash between the two deletions).
+USAGE_SPOOL_OFFSET_TTL_S = 30 * 86_400
 
 
-def usage_seen(dispatch_id: str) -> str:
-    """Marker set (NX, with ``USAGE_SEEN_TTL_S``) when a dispatch's record enters the stream."""
-    return f"lat:usage:seen:{dispatch_id}"
+def spool_offset(name: str) -> str:
+    """Byte offset up to which the frames of spool file ``name`` are in ``USAGE_STREAM``;
+    advanced by ``usage_ship.lua`` in the same script as the XADDs (compare-and-set)."""
+    return f"lat:usage:spool:{name}"

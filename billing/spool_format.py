@@ -13,6 +13,8 @@ shipper three things: the complete, intact frames; the damaged byte ranges to qu
 how many bytes it may mark as done. An incomplete or bad frame at the very end is a write the
 reader may have caught half-way (or a torn write after a crash): it is left pending unless the
 caller says the file will never grow again (``final``), in which case it is damage too.
+:func:`span_at` tells whether an offset (the shipped offset kept in Redis) falls on a frame
+boundary of a scan.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ __all__ = [
     "MAX_PAYLOAD",
     "Scan",
     "encode_frame",
+    "frame_end",
     "scan_frames",
+    "span_at",
 ]
 
 MAGIC = b"\xa7L"
@@ -107,3 +111,20 @@ def scan_frames(buf: bytes, *, max_frames: int = 500, final: bool = False) -> Sc
         corrupt.append((pos, nxt))
         pos = nxt
     return Scan(frames, corrupt, pos)
+
+
+def frame_end(at: int, payload: bytes) -> int:
+    """Offset just past the frame at ``at`` carrying ``payload``."""
+    return at + FRAME_OVERHEAD + len(payload)
+
+
+def span_at(scan: Scan, pos: int) -> tuple[int, int] | None:
+    """The frame or damaged range of ``scan`` that ``pos`` falls strictly inside, as
+    ``(start, end)``; ``None`` when ``pos`` is a boundary (or outside what was consumed)."""
+    for at, payload in scan.frames:
+        if at < pos < frame_end(at, payload):
+            return at, frame_end(at, payload)
+    for start, end in scan.corrupt:
+        if start < pos < end:
+            return start, end
+    return None

@@ -1,10 +1,12 @@
 """The usage spool against a real Redis and real files: every appended record reaches the
 stream exactly once, through Redis outages, re-shipments, dead (even SIGKILLed) processes,
-rotation and shutdown."""
+two shippers on one file, rotation and shutdown; with one offset key per spool file in Redis
+(deleted once the file is shipped), never a key per record."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from billing.keys import USAGE_STREAM
+from billing.keys import USAGE_SPOOL_OFFSET_TTL_S, USAGE_STREAM, spool_offset
 from billing.spool import SpoolOutbox, SpoolWriteError
 from billing.spool_format import encode_frame, scan_frames
 from billing.usage import decode_record, encode_record
@@ -42,6 +44,17 @@ async def wait_for_stream(aredis: aioredis.Redis, n: int, timeout: float = 5.0) 
     while len(ids := await stream_ids(aredis)) < n and loop.time() < deadline:
         await asyncio.sleep(0.01)
     return ids
+
+
+async def offset_keys(aredis: aioredis.Redis) -> list[str]:
+    return sorted([k.decode() async for k in aredis.scan_iter(match="lat:usage:spool:*")])
+
+
+async def assert_no_record_keys(aredis: aioredis.Redis) -> None:
+    assert [k async for k in aredis.scan_iter(match="lat:usage:seen:*")] == []
+    # the stream and the offset keys of files not fully shipped: nothing per record
+    keys = [k async for k in aredis.scan_iter()]
+    assert all(k == USAGE_STREAM.encode() or k.startswith(b"lat:usage:spool:") for k in keys)
 
 
 def spool_files(spool: Path) -> list[Path]:
@@ -71,10 +84,17 @@ async def test_appended_records_are_shipped_once(aredis: aioredis.Redis, tmp_pat
     assert [decode_record(f[b"r"]) for _, f in entries] == records
     assert outbox.pending_bytes == 0 and outbox.shipped == 1200 and outbox.duplicates == 0
     (file,) = spool_files(tmp_path)
-    assert int(Path(f"{file}.offset").read_text()) == file.stat().st_size
+    size = file.stat().st_size
+    assert int(Path(f"{file}.offset").read_text()) == size
+    # the shipped offset lives in Redis, one key per file, with a TTL
+    assert await offset_keys(aredis) == [spool_offset(file.name)]
+    assert int(await aredis.get(spool_offset(file.name))) == size
+    assert 0 < await aredis.ttl(spool_offset(file.name)) <= USAGE_SPOOL_OFFSET_TTL_S
+    await assert_no_record_keys(aredis)
     assert await outbox.ship_once() == 0
     await outbox.stop()
     assert list(tmp_path.glob("usage-*")) == []  # fully shipped files are removed
+    assert await offset_keys(aredis) == []  # and then their offset keys
 
 
 async def test_redis_down_loses_nothing(
@@ -111,9 +131,93 @@ async def test_reshipping_after_a_crash_adds_no_duplicates(
     die(first)  # crashed after the script ran but before the offset was saved:
     Path(f"{file}.offset").write_text("0")
     second = SpoolOutbox(tmp_path, aredis)
-    assert await second.adopt_orphans() == 700
-    assert second.duplicates == 700
+    assert await second.adopt_orphans() == 0  # the offset in Redis says all are in the stream
+    assert second.duplicates == 700 and second.shipped == 0
     assert await stream_ids(aredis) == [f"dsp_{i}" for i in range(700)]
+    assert spool_files(tmp_path) == [] and await offset_keys(aredis) == []
+    await assert_no_record_keys(aredis)
+
+
+async def test_local_offset_reset_after_a_full_ship_adds_nothing(
+    aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    outbox = SpoolOutbox(tmp_path, aredis, offset_save_s=0, batch=64)
+    for i in range(300):
+        await outbox.append(record(i))
+    assert await outbox.ship_once() == 300
+    length = await aredis.xlen(USAGE_STREAM)
+    # the local offset (sidecar and memory) goes back to 0, as if the shipper started afresh
+    (f,) = outbox._files
+    f.offset_path.write_text("0")
+    f.shipped = f.saved = 0
+    f.remote = None
+    assert await outbox.ship_once() == 0
+    assert await aredis.xlen(USAGE_STREAM) == length == 300
+    assert outbox.duplicates == 300 and outbox.shipped == 300 and outbox.pending_bytes == 0
+    await assert_no_record_keys(aredis)
+    # new records after the re-sync ship normally
+    await outbox.append(record(300))
+    assert await outbox.ship_once() == 1
+    assert await stream_ids(aredis) == [f"dsp_{i}" for i in range(301)]
+    await outbox.stop()
+    assert await offset_keys(aredis) == []
+
+
+async def test_local_offset_wins_when_redis_lost_the_key(
+    aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    first = SpoolOutbox(tmp_path, aredis, offset_save_s=0)
+    for i in range(200):
+        await first.append(record(i))
+    assert await first.ship_once() == 200
+    (file,) = spool_files(tmp_path)
+    die(first)
+    await aredis.delete(spool_offset(file.name))  # evicted, or a file from before the key
+    with file.open("ab") as out:  # records the dead process appended after its last batch
+        for i in range(200, 210):
+            out.write(encode_frame(encode_record(record(i))))
+    second = SpoolOutbox(tmp_path, aredis)
+    assert await second.adopt_orphans() == 10
+    assert await stream_ids(aredis) == [f"dsp_{i}" for i in range(210)]
+    assert second.duplicates == 0 and spool_files(tmp_path) == []
+    assert await offset_keys(aredis) == []
+
+
+async def test_redis_offset_inside_a_frame_is_quarantined(
+    aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    frames = [encode_frame(encode_record(record(i))) for i in range(4)]
+    path = tmp_path / "usage-1-handwritten.spool"
+    path.write_bytes(b"".join(frames))
+    await aredis.set(spool_offset(path.name), len(frames[0]) + 3)  # inside the second frame
+    outbox = SpoolOutbox(tmp_path, aredis)
+    assert await outbox.adopt_orphans() == 2
+    assert await stream_ids(aredis) == ["dsp_2", "dsp_3"]
+    assert outbox.duplicates == 1 and outbox.corrupt == 1
+    (bad,) = (tmp_path / "corrupt").iterdir()
+    assert bad.read_bytes() == frames[1]
+    assert spool_files(tmp_path) == [] and await offset_keys(aredis) == []
+
+
+async def test_two_shippers_on_one_orphan_add_it_once(
+    aredis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = SpoolOutbox(tmp_path, aredis)
+    for i in range(100):
+        await dead.append(record(i))
+    die(dead)
+    (file,) = spool_files(tmp_path)
+    # flock not honoured (a spool directory on a network filesystem, say): both processes
+    # take the orphan; the script's compare-and-set lets each batch in once.
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: None)
+    a = SpoolOutbox(tmp_path, aredis, batch=7)
+    b = SpoolOutbox(tmp_path, aredis, batch=7)
+    shipped = await asyncio.gather(a.adopt_orphans(), b.adopt_orphans())
+    assert sum(shipped) == a.shipped + b.shipped == 100
+    assert a.duplicates + b.duplicates > 0  # the loser of a race skipped, not re-added
+    assert await stream_ids(aredis) == [f"dsp_{i}" for i in range(100)]  # once, in order
+    assert not file.exists() and await offset_keys(aredis) == []
+    await assert_no_record_keys(aredis)
 
 
 async def test_orphan_of_a_dead_process_is_adopted(aredis: aioredis.Redis, tmp_path: Path) -> None:
@@ -121,6 +225,7 @@ async def test_orphan_of_a_dead_process_is_adopted(aredis: aioredis.Redis, tmp_p
     alive = SpoolOutbox(tmp_path, aredis)
     for i in range(30):
         await dead.append(record(i))
+    dead_name = dead._files[0].path.name
     await alive.append(record(1000))
     other = SpoolOutbox(tmp_path, aredis)
     assert await other.adopt_orphans() == 0  # both owners are alive: their locks are held
@@ -128,8 +233,9 @@ async def test_orphan_of_a_dead_process_is_adopted(aredis: aioredis.Redis, tmp_p
     await other.start()  # adopts at start
     ids = await wait_for_stream(aredis, 30)
     assert sorted(ids) == sorted(f"dsp_{i}" for i in range(30))
-    # the orphan is deleted right after its last batch is in the stream
+    # the orphan is deleted right after its last batch is in the stream, then its offset
     assert len(await wait_for_files(tmp_path, 2)) == 2  # alive's and other's own files
+    assert spool_offset(dead_name) not in await offset_keys(aredis)
     await other.stop()
     await alive.stop()
     assert len(await stream_ids(aredis)) == 31 and spool_files(tmp_path) == []
@@ -194,11 +300,15 @@ async def test_rotation(aredis: aioredis.Redis, tmp_path: Path) -> None:
             await outbox.append(record(round_ * 100 + i))
         seen.update(spool_files(tmp_path))
         await outbox.ship_once()
-        assert len(spool_files(tmp_path)) == 1  # the full file was shipped and deleted
+        (current,) = spool_files(tmp_path)  # the full file was shipped and deleted
+        # and so was its offset key: at most the current file's is left
+        assert set(await offset_keys(aredis)) <= {spool_offset(current.name)}
     assert len(seen) == 5
     await outbox.ship_once()
-    assert len(await stream_ids(aredis)) == 125
+    assert await stream_ids(aredis) == [f"dsp_{r * 100 + i}" for r in range(5) for i in range(25)]
+    assert outbox.duplicates == 0
     await outbox.stop()
+    assert await offset_keys(aredis) == []
 
 
 async def test_stop_drains(aredis: aioredis.Redis, tmp_path: Path) -> None:
