@@ -72,6 +72,17 @@ class LatticeError(Exception):
             self.code = code
         self.retry_after = retry_after
 
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        """OpenAI's error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
 
 class InvalidRequest(LatticeError):
     status = 400

@@ -64,18 +64,10 @@ def json_response(
 
 def error_body(exc: LatticeError) -> tuple[bytes, dict[str, str] | None]:
     """The OpenAI error envelope for ``exc``, and its extra headers (``retry-after``)."""
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": exc.type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
     headers = None
     if exc.retry_after is not None:
         headers = {"retry-after": str(max(1, round(exc.retry_after)))}
-    return _encoder.encode(body), headers
+    return _encoder.encode(exc.envelope()), headers
 
 
 def error_response(exc: LatticeError) -> Response[bytes]:

@@ -29,15 +29,7 @@ def sse(payload: bytes) -> bytes:
 def error_event(exc: LatticeError) -> bytes:
     """The event that ends a stream which failed after its first byte (the status line has
     been sent, so the error travels in the body, as OpenAI's own streams do)."""
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": exc.type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
-    return sse(_encoder.encode(body))
+    return sse(_encoder.encode(exc.envelope()))
 
 
 class StreamRelay:
