@@ -39,7 +39,6 @@ __all__ = [
     "json_response",
     "read_json_object",
     "request_context_middleware",
-    "request_id",
 ]
 
 log = logging.getLogger("lattice.http")
@@ -50,10 +49,6 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON_TYPES = ("application/json", "application/merge-patch+json")
-
-
-def request_id(request: Request[Any, Any, Any]) -> str:
-    return str(request.scope.get("state", {}).get("request_id") or "")
 
 
 def json_response(

@@ -4,6 +4,7 @@ drop_params, cancellation on disconnect, idempotency and one usage record per di
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
@@ -158,18 +159,23 @@ def test_workspace_drop_params_policy(scripted: Stack) -> None:
     assert_envelope(resp, 400, "unsupported_parameter")
 
 
-def test_client_disconnect_cancels_upstream(scripted: Stack) -> None:
-    scripted.upstream.disconnects.clear()
-    with httpx.stream(
+def slow_stream(stack: Stack) -> AbstractContextManager[httpx.Response]:
+    """A streamed chat on the upstream that sends one chunk every 50 ms."""
+    return httpx.stream(
         "POST",
-        scripted.base_url + "/chat/completions",
+        stack.base_url + "/chat/completions",
         json={
             "model": model("slow-stream"),
             "messages": [{"role": "user", "content": "x"}],
             "stream": True,
         },
-        headers={"Authorization": f"Bearer {scripted.api_key}"},
-    ) as resp:
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+
+
+def test_client_disconnect_cancels_upstream(scripted: Stack) -> None:
+    scripted.upstream.disconnects.clear()
+    with slow_stream(scripted) as resp:
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert all(line.startswith("data: ") or line == "" for line in got)
@@ -226,16 +232,7 @@ def test_one_usage_record_per_dispatch(scripted: Stack) -> None:
 
 
 def test_cancelled_stream_is_metered(scripted: Stack) -> None:
-    with httpx.stream(
-        "POST",
-        scripted.base_url + "/chat/completions",
-        json={
-            "model": model("slow-stream"),
-            "messages": [{"role": "user", "content": "x"}],
-            "stream": True,
-        },
-        headers={"Authorization": f"Bearer {scripted.api_key}"},
-    ) as resp:
+    with slow_stream(scripted) as resp:
         dispatch_id = resp.headers["x-lattice-dispatch-id"]
         lines = resp.iter_lines()
         for _ in range(4):

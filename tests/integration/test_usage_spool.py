@@ -21,7 +21,7 @@ from billing.keys import USAGE_SPOOL_OFFSET_TTL_S, USAGE_STREAM, spool_offset
 from billing.spool import SpoolOutbox, SpoolWriteError
 from billing.spool_format import encode_frame, scan_frames
 from billing.usage import decode_record, encode_record
-from tests.integration.test_usage_outbox import record
+from tests.usage_records import record
 
 BROKEN_URL = "redis://127.0.0.1:1/0"
 
@@ -250,7 +250,7 @@ async def test_sigkilled_process_records_are_shipped(
         from pathlib import Path
         import redis.asyncio as aioredis
         from billing.spool import SpoolOutbox
-        from tests.integration.test_usage_outbox import record
+        from tests.usage_records import record
 
         async def main():
             outbox = SpoolOutbox(Path({str(tmp_path)!r}), aioredis.Redis.from_url({BROKEN_URL!r}))
@@ -346,7 +346,7 @@ def test_disk_full_raises_and_leaves_whole_frames(tmp_path: Path) -> None:
         from pathlib import Path
         import redis.asyncio as aioredis
         from billing.spool import SpoolOutbox, SpoolWriteError
-        from tests.integration.test_usage_outbox import record
+        from tests.usage_records import record
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
