@@ -157,6 +157,11 @@ class LiveCatalog:
             self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="live-catalog")
 
+    def set_poll_interval(self, seconds: float) -> None:
+        """Poll every ``seconds`` from the next round on: the gateway relaxes polling while
+        its pub/sub subscription delivers catalog events, and tightens it when that fails."""
+        self._poll_interval = seconds
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:

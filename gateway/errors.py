@@ -10,7 +10,8 @@ class attributes, so raising code never picks a status by hand::
     ├── PermissionDenied              403 permission_error / insufficient_scopes
     ├── NotFound                      404 invalid_request_error / not_found
     │   ├── ModelNotFound             404 … / model_not_found
-    │   └── TaskNotFound              404 … / task_not_found
+    │   ├── TaskNotFound              404 … / task_not_found
+    │   └── RuntimeNotFound           404 … / personal_lattice_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
     ├── Conflict                      409 invalid_request_error / idempotency_key_reused
     ├── PayloadTooLarge               413 invalid_request_error / request_too_large
@@ -19,8 +20,10 @@ class attributes, so raising code never picks a status by hand::
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded (+ retry_after)
     ├── UpstreamError                 502 api_error / upstream_error
     ├── ServiceUnavailable            503 api_error / service_unavailable
-    │   └── NoCapacity                503 api_error / no_capacity
+    │   ├── NoCapacity                503 api_error / no_capacity
+    │   └── RelayUnavailable          503 … / personal_lattice_relay_unavailable
     └── UpstreamTimeout               504 api_error / upstream_timeout
+        └── ExecutionTimeout          504 … / personal_lattice_execution_timeout
 
 The wording of OpenAI's own envelope is followed (``error.message``, ``error.type``,
 ``error.param``, ``error.code``; https://platform.openai.com/docs/guides/error-codes).
@@ -31,6 +34,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationFailed",
     "Conflict",
+    "ExecutionTimeout",
     "InvalidRequest",
     "LatticeError",
     "MethodNotAllowed",
@@ -40,6 +44,8 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
+    "RelayUnavailable",
+    "RuntimeNotFound",
     "ServiceUnavailable",
     "TaskNotFound",
     "Unprocessable",
@@ -120,6 +126,13 @@ class TaskNotFound(NotFound):
     code = "task_not_found"
 
 
+class RuntimeNotFound(NotFound):
+    """A personal runtime that does not exist or belongs to another workspace (the two are
+    answered identically)."""
+
+    code = "personal_lattice_not_found"
+
+
 class MethodNotAllowed(LatticeError):
     status = 405
     type = "invalid_request_error"
@@ -172,7 +185,19 @@ class NoCapacity(ServiceUnavailable):
     code = "no_capacity"
 
 
+class RelayUnavailable(ServiceUnavailable):
+    """The personal runtime named by the request has no tunnel open right now."""
+
+    code = "personal_lattice_relay_unavailable"
+
+
 class UpstreamTimeout(LatticeError):
     status = 504
     type = "api_error"
     code = "upstream_timeout"
+
+
+class ExecutionTimeout(UpstreamTimeout):
+    """A personal runtime gave no result within the dispatch's deadline."""
+
+    code = "personal_lattice_execution_timeout"

@@ -33,6 +33,9 @@ log = logging.getLogger("lattice.gateway")
 
 #: How long found keys and workspaces stay cached while change events are being received.
 EVENT_CACHE_TTL_S = 30.0
+#: The catalog's backstop poll while catalog events arrive by pub/sub (a write is then seen
+#: at once through its event; the poll only covers an event lost in a silent disconnect).
+SUBSCRIBED_CATALOG_POLL_S = 1.0
 
 
 class Gateway:
@@ -134,6 +137,12 @@ class Gateway:
     def _set_cache_ttl(self, ttl_s: float | None) -> None:
         self.apikeys.set_cache_ttl(ttl_s)
         self.workspaces.set_cache_ttl(ttl_s)
+        subscribed = ttl_s is not None
+        self.catalog.set_poll_interval(
+            max(SUBSCRIBED_CATALOG_POLL_S, self.settings.catalog_poll_s)
+            if subscribed
+            else self.settings.catalog_poll_s
+        )
 
     async def _apply_event(self, text: str) -> None:
         if self.apikeys.handle_event(text):

@@ -1,38 +1,41 @@
 """The one generic dispatch: authenticate → resolve → admit → route → dispatch → relay →
 meter (ARCHITECTURE.md, The shape). Every surface (``/v1/chat/completions``, …) is a thin
 alias of :meth:`DispatchService.dispatch`; a service never sees an HTTP request, only a
-:class:`TaskCall`.
+:class:`TaskCall`. Planning (who may serve the request) lives in :mod:`.plan`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
 
 from billing.usage import UsageOutbox
-from catalog import errors as catalog_errors
-from catalog.model import Catalog, Offering, TaskClass
-from catalog.resolve import Resolved, effective_params, resolve_model
-from catalog.schema import compile_input_schema
-from gateway.auth.principal import Principal, Scope
-from gateway.dispatch.admission import admit_params, resolve_drop_params
-from gateway.dispatch.codecs import CODECS, BuiltinCodec, check_body
-from gateway.dispatch.metering import build_record, estimate_tokens, meter_units
+from catalog.model import Offering
+from catalog.resolve import effective_params
+from gateway.auth.principal import Principal
+from gateway.dispatch.admission import admit_params
+from gateway.dispatch.estimates import estimate_result_units, estimate_stream_units
+from gateway.dispatch.metering import build_record, meter_units
+from gateway.dispatch.plan import (
+    CatalogView,
+    Plan,
+    Planner,
+    RuntimeView,
+    Target,
+    WorkspaceView,
+)
 from gateway.dispatch.relay import DONE, StreamRelay, UpstreamStreamError, error_event
+from gateway.dispatch.runtime_target import RuntimeCaller, RuntimeTarget
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.errors import (
-    InvalidRequest,
     LatticeError,
-    ModelNotFound,
     NoCapacity,
-    PermissionDenied,
-    TaskNotFound,
+    RelayUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -47,16 +50,7 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 #: Failures after which the next target is tried (nothing reached the caller yet).
-_RETRYABLE = (UpstreamError, UpstreamTimeout)
-
-
-class CatalogView(Protocol):
-    @property
-    def current(self) -> Catalog: ...
-
-
-class WorkspaceView(Protocol):
-    async def get(self, name: str) -> Any: ...
+_RETRYABLE = (UpstreamError, UpstreamTimeout, RelayUnavailable)
 
 
 class TaskCall(msgspec.Struct, frozen=True):
@@ -79,25 +73,18 @@ class StreamOutcome(msgspec.Struct):
     headers: dict[str, str] = {}
 
 
-class _Plan(msgspec.Struct):
-    """Everything decided before the first target is called."""
-
-    task: TaskClass
-    codec: BuiltinCodec | None
-    resolved: Resolved
-    display_model: str
-    stream: bool
-    include_usage: bool
-    drop: bool
-    dispatch_id: str
-    started_ms: int
-    tags: dict[str, str]
-    #: The workspace opted in to logging request and response bodies.
-    log_bodies: bool = False
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _offering(target: Target) -> Offering:
+    return target.offering if isinstance(target, RuntimeTarget) else target
+
+
+def _stop_after(target: Target) -> bool:
+    """Whether a failure of ``target`` is the answer rather than a reason to try the next
+    target: a request aimed at a personal runtime never falls back to other capacity."""
+    return isinstance(target, RuntimeTarget) and target.pinned
 
 
 class DispatchService:
@@ -111,95 +98,23 @@ class DispatchService:
         idempotency: IdempotencyStore,
         metrics: Metrics,
         drop_params_default: bool = True,
+        runtimes: RuntimeView | None = None,
+        runtime_caller: RuntimeCaller | None = None,
     ) -> None:
-        self._catalog = catalog
-        self._workspaces = workspaces
+        self._planner = Planner(
+            catalog=catalog,
+            workspaces=workspaces,
+            runtimes=runtimes if runtime_caller is not None else None,
+            drop_params_default=drop_params_default,
+        )
         self._upstreams = upstreams
+        self._runtime_caller = runtime_caller
         self._outbox = outbox
         self._idempotency = idempotency
         self._metrics = metrics
-        self._drop_default = drop_params_default
 
-    # -- planning (no I/O but the workspace read) -------------------------------------
-
-    async def _plan(self, call: TaskCall) -> _Plan:
-        if not call.principal.has(Scope.INFERENCE):
-            raise PermissionDenied(
-                f"This credential lacks the scope '{Scope.INFERENCE}' required to run tasks."
-            )
-        cat = self._catalog.current
-        task = cat.task_classes.get(call.task)
-        if task is None:
-            raise TaskNotFound(f"Unknown task class '{call.task}'.", param="task")
-        body = call.body
-        codec = CODECS.get(task.codec) if task.codec else None
-        if codec is not None:
-            check_body(codec, body)
-        elif task.input_schema is not None:
-            error = compile_input_schema(task.input_schema).first_error(body)
-            if error is not None:
-                path, message = error
-                raise InvalidRequest(
-                    f"Invalid value at '{path}': {message}", param=path, code="invalid_value"
-                )
-        elif task.codec is not None:
-            raise NoCapacity(f"No capacity serves the task class '{call.task}' yet.")
-
-        workspace = await self._workspaces.get(call.principal.workspace)
-        requested = body.get("model")
-        if requested is not None and not isinstance(requested, str):
-            raise InvalidRequest("'model' must be a string.", param="model", code="invalid_value")
-        ws_default = getattr(workspace, "default_model", None)
-        try:
-            resolved = resolve_model(cat, requested, call.task, ws_default)
-        except catalog_errors.UnknownModel:
-            if requested in (None, "", "default") and codec is None:
-                raise NoCapacity(f"No capacity serves the task class '{call.task}' yet.") from None
-            raise ModelNotFound(
-                f"The model '{requested}' does not exist or you do not have access to it.",
-                param="model",
-            ) from None
-        except catalog_errors.ModelTaskMismatch:
-            raise InvalidRequest(
-                f"The model '{requested}' does not serve the task '{call.task}'.",
-                param="model",
-                code="model_not_supported",
-            ) from None
-        if not resolved.offerings:
-            raise NoCapacity(
-                f"No capacity is serving '{resolved.model.id}' for '{call.task}' right now."
-            )
-        stream = body.get("stream") is True
-        if stream and not (codec.can_stream if codec else task.streams):
-            raise InvalidRequest(
-                f"The task '{call.task}' does not stream.", param="stream", code="invalid_value"
-            )
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        metadata = body.get("metadata")
-        tags = (
-            {k: v for k, v in metadata.items() if isinstance(v, str)}
-            if isinstance(metadata, dict)
-            else {}
-        )
-        display = requested if requested not in (None, "", "default") else resolved.model.id
-        return _Plan(
-            task=task,
-            codec=codec,
-            resolved=resolved,
-            display_model=str(display),
-            stream=stream,
-            include_usage=include_usage,
-            drop=resolve_drop_params(
-                body, getattr(workspace, "drop_params", None), self._drop_default
-            ),
-            dispatch_id="dsp_" + uuid.uuid4().hex,
-            started_ms=_now_ms(),
-            tags=tags,
-            log_bodies=getattr(workspace, "log_bodies", False) is True,
-        )
-
-    def _upstream_body(self, plan: _Plan, call: TaskCall, offering: Offering) -> bytes:
+    def _target_body(self, plan: Plan, call: TaskCall, target: Target) -> bytes:
+        offering = _offering(target)
         core = plan.codec.core_fields if plan.codec else frozenset(call.body)
         body, dropped = admit_params(
             call.body,
@@ -209,10 +124,12 @@ class DispatchService:
         )
         if dropped:
             log.info("dropped unsupported parameters", extra={"dropped": dropped})
-        upstream = offering.upstream
-        if upstream is not None and plan.codec is not None:
-            model_id = plan.resolved.model.id
-            body["model"] = upstream.model or model_id.removeprefix("lovelace:")
+        if plan.codec is not None:
+            if isinstance(target, RuntimeTarget):
+                body["model"] = target.model  # the daemon maps it to its local name
+            elif offering.upstream is not None:
+                model_id = plan.resolved.model.id
+                body["model"] = offering.upstream.model or model_id.removeprefix("lovelace:")
         if plan.stream:
             body["stream_options"] = {"include_usage": True}
         return _encoder.encode(body)
@@ -220,7 +137,7 @@ class DispatchService:
     # -- the dispatch ------------------------------------------------------------------
 
     async def dispatch(self, call: TaskCall) -> JsonOutcome | StreamOutcome:
-        plan = await self._plan(call)
+        plan = await self._planner.plan(call.task, call.body, call.principal)
         if plan.log_bodies:  # only ever for a workspace that opted in
             log.info("request body", extra={"dispatch_id": plan.dispatch_id, "body": call.body})
         if plan.stream:
@@ -241,7 +158,7 @@ class DispatchService:
         await self._idempotency.complete(ws, key, digest, outcome.status, outcome.body)
         return outcome
 
-    def _path(self, plan: _Plan, offering: Offering) -> str:
+    def _path(self, plan: Plan, offering: Offering) -> str:
         upstream = offering.upstream
         assert upstream is not None
         if upstream.path:
@@ -250,28 +167,39 @@ class DispatchService:
             return plan.codec.upstream_path
         return f"/tasks/{plan.task.name}"
 
-    def _targets(self, plan: _Plan) -> list[Offering]:
-        return [o for o in plan.resolved.offerings if o.upstream is not None]
+    async def _post(self, plan: Plan, target: Target, body: bytes) -> bytes:
+        if isinstance(target, RuntimeTarget):
+            assert self._runtime_caller is not None
+            return await self._runtime_caller.post(target, plan.task.name, plan.dispatch_id, body)
+        assert target.upstream is not None
+        resp = await self._upstreams.post(target.upstream, self._path(plan, target), body)
+        return resp.body
 
-    async def _dispatch_once(self, call: TaskCall, plan: _Plan) -> JsonOutcome:
+    def _open_stream(self, plan: Plan, target: Target, body: bytes) -> AsyncGenerator[bytes, None]:
+        if isinstance(target, RuntimeTarget):
+            assert self._runtime_caller is not None
+            return self._runtime_caller.stream(target, plan.task.name, plan.dispatch_id, body)
+        assert target.upstream is not None
+        return self._upstreams.stream(target.upstream, self._path(plan, target), body)
+
+    async def _dispatch_once(self, call: TaskCall, plan: Plan) -> JsonOutcome:
         last: LatticeError | None = None
-        for offering in self._targets(plan):
-            assert offering.upstream is not None
-            body = self._upstream_body(plan, call, offering)
+        for target in plan.targets:
             try:
-                resp = await self._upstreams.post(
-                    offering.upstream, self._path(plan, offering), body
-                )
+                raw = await self._post(plan, target, self._target_body(plan, call, target))
             except _RETRYABLE as exc:
-                self._metrics.upstream_errors.labels(offering.id, exc.code or "").inc()
+                self._metrics.upstream_errors.labels(_offering(target).id, exc.code or "").inc()
+                if _stop_after(target):
+                    self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+                    raise
                 last = exc
                 continue
-            return await self._finish_json(call, plan, offering, resp.body)
+            return await self._finish_json(call, plan, _offering(target), raw)
         self._metrics.dispatches.labels(plan.task.name, "failed").inc()
         raise last or NoCapacity("No capacity is serving this request right now.")
 
     async def _finish_json(
-        self, call: TaskCall, plan: _Plan, offering: Offering, raw: bytes
+        self, call: TaskCall, plan: Plan, offering: Offering, raw: bytes
     ) -> JsonOutcome:
         try:
             result = _decoder.decode(raw)
@@ -284,7 +212,7 @@ class DispatchService:
             result["model"] = plan.display_model
         units, estimated = meter_units(plan.task.meter, usage if isinstance(usage, dict) else None)
         if estimated and plan.codec is not None:
-            units = self._estimate(plan, call, units, result)
+            units = estimate_result_units(units, call.body, result)
         await self._meter(call, plan, offering, units, estimated, "completed")
         if plan.log_bodies:
             log.info("response body", extra={"dispatch_id": plan.dispatch_id, "body": result})
@@ -294,26 +222,27 @@ class DispatchService:
             {"x-lattice-dispatch-id": plan.dispatch_id},
         )
 
-    async def _dispatch_stream(self, call: TaskCall, plan: _Plan) -> StreamOutcome:
+    async def _dispatch_stream(self, call: TaskCall, plan: Plan) -> StreamOutcome:
         last: LatticeError | None = None
-        for offering in self._targets(plan):
-            assert offering.upstream is not None
-            body = self._upstream_body(plan, call, offering)
-            upstream = self._upstreams.stream(offering.upstream, self._path(plan, offering), body)
+        for target in plan.targets:
+            upstream = self._open_stream(plan, target, self._target_body(plan, call, target))
             try:
                 first = await anext(upstream)
             except StopAsyncIteration:
                 first = None
             except _RETRYABLE as exc:
-                self._metrics.upstream_errors.labels(offering.id, exc.code or "").inc()
+                self._metrics.upstream_errors.labels(_offering(target).id, exc.code or "").inc()
                 await upstream.aclose()
+                if _stop_after(target):
+                    self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+                    raise
                 last = exc
                 continue
             except BaseException:
                 await upstream.aclose()
                 raise
             return StreamOutcome(
-                self._relay(call, plan, offering, first, upstream),
+                self._relay(call, plan, _offering(target), first, upstream),
                 {"x-lattice-dispatch-id": plan.dispatch_id},
             )
         self._metrics.dispatches.labels(plan.task.name, "failed").inc()
@@ -322,7 +251,7 @@ class DispatchService:
     async def _relay(
         self,
         call: TaskCall,
-        plan: _Plan,
+        plan: Plan,
         offering: Offering,
         first: bytes | None,
         upstream: AsyncGenerator[bytes, None],
@@ -355,58 +284,15 @@ class DispatchService:
                 await upstream.aclose()
                 units, estimated = meter_units(plan.task.meter, relay.usage)
                 if estimated:
-                    units = self._estimate_stream(plan, call, units, relay)
+                    units = estimate_stream_units(units, call.body, relay.delivered_chars)
                 await self._meter(call, plan, offering, units, estimated, status)
 
     # -- metering ----------------------------------------------------------------------
 
-    @staticmethod
-    def _prompt_text(body: dict[str, Any]) -> str:
-        parts: list[str] = []
-        for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        for key in ("prompt", "input"):
-            value = body.get(key)
-            if isinstance(value, str):
-                parts.append(value)
-            elif isinstance(value, list):
-                parts.extend(v for v in value if isinstance(v, str))
-        return " ".join(parts)
-
-    def _estimate(
-        self, plan: _Plan, call: TaskCall, units: dict[str, int], result: dict[str, Any]
-    ) -> dict[str, int]:
-        out = dict(units)
-        if "prompt_tokens" in out and not out["prompt_tokens"]:
-            out["prompt_tokens"] = estimate_tokens(self._prompt_text(call.body))
-        if "completion_tokens" in out and not out["completion_tokens"]:
-            text = ""
-            for choice in result.get("choices") or ():
-                if isinstance(choice, dict):
-                    msg = choice.get("message")
-                    text += str(msg.get("content") or "") if isinstance(msg, dict) else ""
-                    text += str(choice.get("text") or "")
-            out["completion_tokens"] = estimate_tokens(text)
-        return out
-
-    def _estimate_stream(
-        self, plan: _Plan, call: TaskCall, units: dict[str, int], relay: StreamRelay
-    ) -> dict[str, int]:
-        out = dict(units)
-        if "prompt_tokens" in out and not out["prompt_tokens"]:
-            out["prompt_tokens"] = estimate_tokens(self._prompt_text(call.body))
-        if "completion_tokens" in out and not out["completion_tokens"]:
-            out["completion_tokens"] = (relay.delivered_chars + 3) // 4
-        return out
-
     async def _meter(
         self,
         call: TaskCall,
-        plan: _Plan,
+        plan: Plan,
         offering: Offering,
         units: dict[str, int],
         estimated: bool,
