@@ -65,7 +65,7 @@ STREAM_ROUTE = "llama-3.2-3b-instruct-stream"
 MAX_TOKENS = 16
 LITELLM_MASTER_KEY = "sk-bench-litellm"
 DIRECT_KEY = "sk-bench-direct"
-ALL_TARGETS = ("direct", "lattice", "litellm", "portkey")
+ALL_TARGETS = ("direct", "lattice", "lattice-nometer", "litellm", "portkey")
 STREAM_TARGETS = ("direct", "lattice", "portkey")
 
 
@@ -454,9 +454,12 @@ def start_lattice(
     run_dir: Path,
     workers: list[int],
     cleanups: list[Callable[[], None]],
-) -> dict[int, Target]:
+    nometer: bool = False,
+) -> dict[int | str, Target]:
     """Lattice gateways (one per entry of ``workers``) sharing one Redis/catalog/key; the
-    Redis, catalog and key come from bench/lattice_setup.py (the lead's plug-in point)."""
+    Redis, catalog and key come from bench/lattice_setup.py (the lead's plug-in point).
+    ``nometer`` adds a one-process gateway with usage metering off (``LATTICE_METERING=0``),
+    keyed ``"nometer"``, so that what metering costs is measured in the same run."""
     sys.path.insert(0, str(ROOT))
     from bench.lattice_setup import LatticeSetup
 
@@ -470,15 +473,23 @@ def start_lattice(
             "leave it out with --only direct,litellm,portkey or use --keep-going"
         ) from exc
     assert setup.api_key is not None
-    out: dict[int, Target] = {}
+    out: dict[int | str, Target] = {}
+    pnames: dict[int | str, str] = {}
     for n in workers:
         base = setup.start_gateway(free_port(), workers=n)
         name = "lattice" if n == 1 else f"lattice-{n}w"
         t = Target(name, base, setup.api_key)
         t.stream = (base, {}, STREAM_ROUTE) if n == 1 else None
         out[n] = t
+        pnames[n] = f"lattice-{n}w"  # the name LatticeSetup.start_gateway spawns it under
+    if nometer:
+        base = setup.start_gateway(
+            free_port(), name="lattice-nometer", env={"LATTICE_METERING": "0"}
+        )
+        out["nometer"] = Target("lattice-nometer", base, setup.api_key)
+        pnames["nometer"] = "lattice-nometer"
     for n, t in out.items():
-        pname = f"lattice-{n}w"  # the name LatticeSetup.start_gateway spawns it under
+        pname = pnames[n]
         proc = procs.find(pname)
         wait_ready(procs, pname, proc, lambda t=t: probe_chat(t.chat_url, t.api_key, {}, MODEL), 60)
         # Streaming route too, so a broken offering fails here and not mid-measurement.
@@ -661,6 +672,16 @@ def summarize(raw: dict[str, Any], token_delay_ms: float) -> dict[str, Any]:
         o = tg.get(other, {}).get("rps_c32")
         if lat and o:
             s["ratios"][f"lattice/{other}"] = lat / o
+    nm = tg.get("lattice-nometer", {})
+    if tg.get("lattice", {}).get("p50_ms") is not None and nm.get("p50_ms") is not None:
+        # What usage metering adds to a request: the same gateway with metering on and off.
+        s["metering"] = {
+            "p50_on_ms": tg["lattice"]["p50_ms"],
+            "p50_off_ms": nm["p50_ms"],
+            "added_p50_ms": tg["lattice"]["p50_ms"] - nm["p50_ms"],
+            "p99_on_ms": tg["lattice"]["p99_ms"],
+            "p99_off_ms": nm["p99_ms"],
+        }
     l2 = tg.get("lattice-2w", {}).get("rps_c32")
     if lat and l2:
         s["scaling"] = {"rps_1w": lat, "rps_2w": l2, "ratio_2w/1w": l2 / lat}
@@ -737,6 +758,15 @@ def render_tables(res: dict[str, Any]) -> str:
             "",
             "Throughput ratios at c=32: "
             + ", ".join(f"{k} = {v:.2f}x" for k, v in s["ratios"].items()),
+        ]
+    if s.get("metering"):
+        me = s["metering"]
+        lines += [
+            "",
+            f"Usage metering (c=1, same run): p50 {me['p50_on_ms']:.3f} ms with metering, "
+            f"{me['p50_off_ms']:.3f} ms without (`LATTICE_METERING=0`): metering adds "
+            f"{me['added_p50_ms']:.3f} ms p50 (target <= 0.2 ms); p99 {me['p99_on_ms']:.2f} / "
+            f"{me['p99_off_ms']:.2f} ms.",
         ]
     if s["scaling"]:
         sc = s["scaling"]
@@ -940,11 +970,21 @@ def main(argv: list[str] | None = None) -> int:
                     elif name == "lattice":
                         workers = [1] if args.no_scaling else [1, 2]
                         lt = start_lattice(
-                            procs, mock, stream_mock or mock, run_dir, workers, cleanups
+                            procs,
+                            mock,
+                            stream_mock or mock,
+                            run_dir,
+                            workers,
+                            cleanups,
+                            nometer="lattice-nometer" in args.targets,
                         )
                         targets.append(lt[1])
+                        if "nometer" in lt:
+                            targets.append(lt["nometer"])
                         if 2 in lt:
                             extra_c32.append(lt[2])
+                    elif name == "lattice-nometer" and "lattice" not in args.targets:
+                        raise BenchError("lattice-nometer runs alongside the lattice target")
                 except (BenchError, NotImplementedError) as exc:
                     if not args.keep_going:
                         raise

@@ -142,9 +142,17 @@ class LatticeSetup:
             return [found]
         return [sys.executable, "-c", "from gateway.cli.main import main; main()"]
 
-    def start_gateway(self, port: int, *, workers: int = 1) -> str:
-        """Start ``lattice serve --port P --workers N``; return its OpenAI base URL. The bench
-        waits for it to answer a chat completion before measuring."""
+    def start_gateway(
+        self,
+        port: int,
+        *,
+        workers: int = 1,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        """Start ``lattice serve --port P --workers N`` (registered as ``name``, default
+        ``lattice-<N>w``, with ``env`` added to its environment); return its OpenAI base URL.
+        The bench waits for it to answer a chat completion before measuring."""
         argv = [
             *self.lattice_argv(),
             "serve",
@@ -153,7 +161,7 @@ class LatticeSetup:
             "--workers",
             str(workers),
         ]
-        proc = self.spawn(f"lattice-{workers}w", argv, env=dict(self.env))
+        proc = self.spawn(name or f"lattice-{workers}w", argv, env={**self.env, **(env or {})})
         self._gateways.append(proc)
         return f"http://127.0.0.1:{port}/v1"
 
