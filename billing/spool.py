@@ -55,6 +55,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from billing.keys import USAGE_SPOOL_OFFSET_TTL_S, USAGE_STREAM, spool_offset
+from billing.spool_checkpoints import checkpoint_payload, is_checkpoint, unfinished
 from billing.spool_format import MAX_FRAME, Scan, encode_frame, frame_end, scan_frames, span_at
 from billing.usage import UsageRecord, encode_record
 
@@ -138,7 +139,13 @@ def _write_offset(path: Path, value: int) -> None:
 
 def _delete(f: _SpoolFile) -> None:
     """Remove a fully shipped file and its sidecars; call while holding its lock."""
-    for path in (f.path, f.offset_path, f.offset_path.with_name(f.offset_path.name + ".tmp")):
+    streams = f.path.with_name(f.path.name + ".streams")
+    for path in (
+        f.path,
+        f.offset_path,
+        f.offset_path.with_name(f.offset_path.name + ".tmp"),
+        streams,
+    ):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -173,6 +180,8 @@ class SpoolOutbox:
         self._offset_save_s = offset_save_s
         self._orphan_scan_s = orphan_scan_s
         self._files: list[_SpoolFile] = []  # own files, oldest first; the last one is appended to
+        #: The latest checkpoint frame of each stream in flight (billing/spool_checkpoints.py).
+        self._open: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._ship_lock = asyncio.Lock()
         self._orphan_lock = asyncio.Lock()
@@ -195,6 +204,23 @@ class SpoolOutbox:
             frame = encode_frame(encode_record(record))
         except ValueError as exc:
             raise SpoolWriteError(errno.EFBIG, str(exc)) from exc
+        self._write(frame)
+        self._open.pop(record.dispatch_id, None)
+        self.appended += 1
+        self._wake.set()
+        return record.dispatch_id
+
+    def checkpoint(self, record: UsageRecord) -> None:
+        """Make ``record`` what the dispatch is billed if this process dies before its final
+        record is appended (a stream in flight; billing/spool_checkpoints.py)."""
+        try:
+            frame = encode_frame(checkpoint_payload(encode_record(record)))
+        except ValueError as exc:
+            raise SpoolWriteError(errno.EFBIG, str(exc)) from exc
+        self._write(frame)
+        self._open[record.dispatch_id] = frame
+
+    def _write(self, frame: bytes) -> None:
         f = self._files[-1] if self._files else self._open_own()
         try:
             written = os.write(f.fd, frame)
@@ -207,9 +233,6 @@ class SpoolOutbox:
             f.size = os.fstat(f.fd).st_size
             raise SpoolWriteError(errno.ENOSPC, "usage spool write was cut short (disk full?)")
         f.size += written
-        self.appended += 1
-        self._wake.set()
-        return record.dispatch_id
 
     def _open_own(self) -> _SpoolFile:
         try:
@@ -350,6 +373,12 @@ class SpoolOutbox:
             return
         self._files[-1].final = True
         self._files.append(new)
+        # The old file is deleted once shipped: carry the open streams' checkpoints over.
+        for frame in list(self._open.values()):
+            try:
+                self._write(frame)
+            except SpoolWriteError as exc:
+                log.warning("could not carry a stream checkpoint over", extra={"error": repr(exc)})
 
     async def adopt_orphans(self) -> int:
         """Ship and delete the spool files of dead processes; return how many records."""
@@ -363,6 +392,7 @@ class SpoolOutbox:
                 if orphan is None:
                     continue  # its owner is alive, or another process is shipping it
                 try:
+                    self._finish_streams(orphan)
                     total += await self._ship_file(orphan, orphan.size)
                 except (RedisError, OSError):
                     self.ship_errors += 1
@@ -380,6 +410,23 @@ class SpoolOutbox:
                     with contextlib.suppress(FileNotFoundError):
                         offset.unlink()
             return total
+
+    def _finish_streams(self, orphan: _SpoolFile) -> None:
+        """Bill the streams a dead process left in flight: the last checkpoint of each
+        becomes its final record, appended to this process's own spool (once per file: a
+        marker beside it records that it was done)."""
+        marker = orphan.path.with_name(orphan.path.name + ".streams")
+        if marker.exists():
+            return
+        for payload in unfinished(os.pread(orphan.fd, orphan.size, 0)):
+            frame = encode_frame(payload)
+            self._write(frame)
+            self.appended += 1
+            log.info(
+                "billed a stream cut short by a dead process", extra={"file": orphan.path.name}
+            )
+        marker.touch()
+        self._wake.set()
 
     @staticmethod
     def _lock_orphan(path: Path) -> _SpoolFile | None:
@@ -452,6 +499,8 @@ class SpoolOutbox:
             payloads: list[bytes] = []
             bad: list[tuple[int, bytes]] = []
             for at, payload in scan.frames:
+                if is_checkpoint(payload):
+                    continue  # superseded by the final record, or billed by an adopter
                 try:
                     _id_decoder.decode(payload)
                 except msgspec.DecodeError:

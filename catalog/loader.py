@@ -23,6 +23,11 @@ A catalog file is TOML (YAML or JSON also work; YAML only when PyYAML is install
     [default_models]
     chat-completion = "lovelace:llama-3.2-3b-instruct"
 
+    [pricing]                               # catalog.model.Pricing; omitted = defaults
+    marketplace_margin_bps = 1000           # marketplace callers pay the price + 10 %
+    provider_share_bps = 10000              # providers earn all of their price
+    runtime_platform_fee = { completion_tokens = 10000 }   # own runtimes: $0.01 per 1M
+
 Decoding (:func:`catalog_from_dict`) checks shapes and types only; :func:`validate_catalog`
 checks meaning (references, prices, schemas). A file may be a *patch* that refers to entries of
 another catalog, so it is validated only after :func:`merge_catalog`.
@@ -41,7 +46,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from catalog.errors import CatalogError, field_path
-from catalog.model import Catalog, ModelEntry, Offering, TaskClass, Upstream
+from catalog.model import Catalog, ModelEntry, Offering, Pricing, TaskClass, Upstream
 from catalog.validate import validate_catalog
 
 __all__ = [
@@ -56,7 +61,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 _TOP_LEVEL = frozenset(
-    {"task_classes", "models", "offerings", "aliases", "default_models", "version"}
+    {"task_classes", "models", "offerings", "aliases", "default_models", "pricing", "version"}
 )
 #: Seed files whose name starts with this are templates, not part of :func:`load_seed`.
 _TEMPLATE_PREFIX = "_"
@@ -93,12 +98,17 @@ def catalog_from_dict(data: Any) -> Catalog:
     version = data.get("version", 0)
     if type(version) is not int or version < 0:
         raise CatalogError("version", "must be a non-negative integer")
+    raw_pricing = data.get("pricing")  # absent or null (a shown catalog without one): defaults
+    pricing = (
+        None if raw_pricing is None else _convert(_pricing_raw(raw_pricing), Pricing, "pricing")
+    )
     return Catalog(
         task_classes=task_classes,
         models=models,
         offerings=offerings,
         aliases=_str_table(data, "aliases"),
         default_models=_str_table(data, "default_models"),
+        pricing=pricing,
         version=version,
     )
 
@@ -169,10 +179,12 @@ def merge_catalog(base: Catalog, patch: Catalog) -> Catalog:
 
     Upsert only: every entry in ``patch`` replaces the entry of ``base`` with the same key —
     task classes and models by name, offerings by ``id`` (a replaced offering keeps its place,
-    new ones are appended), aliases by alias name, default models by task class. Entries the
-    patch does not mention are kept unchanged, so a patch cannot delete anything: disable an
-    offering with ``enabled = false``, or write a whole catalog to replace everything. The
-    result keeps ``base.version`` (the store assigns versions). Nothing is validated here.
+    new ones are appended), aliases by alias name, default models by task class. The
+    ``[pricing]`` table is one entry: a patch that has one replaces the whole policy (restate
+    the fields to keep). Entries the patch does not mention are kept unchanged, so a patch
+    cannot delete anything: disable an offering with ``enabled = false``, or write a whole
+    catalog to replace everything. The result keeps ``base.version`` (the store assigns
+    versions). Nothing is validated here.
     """
     patched = {o.id: o for o in patch.offerings}
     offerings = [patched.pop(o.id, o) for o in base.offerings]
@@ -183,6 +195,7 @@ def merge_catalog(base: Catalog, patch: Catalog) -> Catalog:
         offerings=tuple(offerings),
         aliases={**base.aliases, **patch.aliases},
         default_models={**base.default_models, **patch.default_models},
+        pricing=patch.pricing if patch.pricing is not None else base.pricing,
         version=base.version,
     )
 
@@ -267,12 +280,24 @@ def _keyed(raw: Any, attr: str, key: str, table: str) -> Any:
 
 
 def _offering_raw(raw: Any, index: int) -> Any:
-    # msgspec reports a bad dict value as `prices[...]`; name the key ourselves.
-    if isinstance(raw, Mapping) and isinstance(raw.get("prices"), Mapping):
-        for unit, price in raw["prices"].items():
-            if type(price) is not int:
-                raise CatalogError(
-                    field_path("offerings", index, "prices", str(unit)),
-                    f"must be an integer (micro-USD), got {type(price).__name__}",
-                )
+    if isinstance(raw, Mapping):
+        _check_prices(raw.get("prices"), ("offerings", index, "prices"))
     return raw
+
+
+def _pricing_raw(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        _check_prices(raw.get("runtime_platform_fee"), ("pricing", "runtime_platform_fee"))
+    return raw
+
+
+def _check_prices(prices: Any, where: tuple[str | int, ...]) -> None:
+    # msgspec reports a bad dict value as `prices[...]`; name the key ourselves.
+    if not isinstance(prices, Mapping):
+        return
+    for unit, price in prices.items():
+        if type(price) is not int:
+            raise CatalogError(
+                field_path(*where, str(unit)),
+                f"must be an integer (micro-USD), got {type(price).__name__}",
+            )

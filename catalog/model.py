@@ -16,6 +16,8 @@ __all__ = [
     "Meter",
     "ModelEntry",
     "Offering",
+    "Pricing",
+    "ServingKind",
     "TaskClass",
     "Upstream",
 ]
@@ -27,6 +29,12 @@ Codec = Literal[
     "openai.embedding",
     "openai.audio_transcription",
 ]
+
+
+#: Who serves an offering, which decides how it is charged (catalog/charges.py):
+#: ``hosted`` the operator's own capacity; ``runtime`` a workspace's personal runtime (synthetic,
+#: never in a catalog); ``marketplace`` a third-party provider's daemon.
+ServingKind = Literal["hosted", "runtime", "marketplace"]
 
 
 class Meter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -99,6 +107,12 @@ class Offering(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``prices`` maps each meter unit to integer micro-USD per ``price_per`` units (for tokens
     the usual ``price_per`` is one million). ``provider`` names who earns from it.
+
+    ``kind`` says who serves it (:data:`ServingKind`), and so how it is charged: ``hosted``
+    at its prices, ``marketplace`` at its prices plus the operator's margin
+    (:class:`Pricing`). ``runtime`` offerings are synthetic, built per personal runtime by
+    ``catalog.charges.runtime_offering``; a catalog never holds one. Stored catalogs from
+    before ``kind`` existed decode as ``hosted``.
     """
 
     id: str
@@ -106,7 +120,7 @@ class Offering(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     upstream: Upstream | None = None
     task_classes: tuple[str, ...] | None = None
     provider: str = "hosted"
-    kind: Literal["hosted"] = "hosted"
+    kind: ServingKind = "hosted"
     prices: dict[str, int] = {}
     price_per: int = 1_000_000
     supported_params: tuple[str, ...] | None = None
@@ -114,8 +128,37 @@ class Offering(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
 
 
+class Pricing(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The operator's pricing policy (the ``[pricing]`` table; issue 4, "Pricing rules").
+
+    - **Own runtime**: a workspace's own runtimes (and its own provider daemons) serving its
+      own requests cost no compute. The operator may charge a platform fee per meter unit:
+      ``runtime_platform_fee`` maps a unit to integer micro-USD per
+      ``runtime_platform_fee_per`` units, the convention of :attr:`Offering.prices`
+      (``{completion_tokens = 10000}`` is $0.01 per million tokens). Units it does not name
+      are free; the default is no fee at all.
+    - **Marketplace**: the caller pays the provider's price plus ``marketplace_margin_bps``
+      basis points of it (1000 = 10 %); the provider earns ``provider_share_bps`` of its
+      price (10000 = all of it); the operator keeps the margin and the rest of the price.
+    - **Hosted**: the offering's price; what it earns accrues to the offering's provider.
+
+    All amounts are integers; the arithmetic is in :mod:`catalog.charges`.
+    """
+
+    runtime_platform_fee: dict[str, int] = {}
+    runtime_platform_fee_per: int = 1_000_000
+    marketplace_margin_bps: int = 0
+    provider_share_bps: int = 10_000
+
+
 class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One whole, versioned catalog."""
+    """One whole, versioned catalog.
+
+    ``pricing`` is ``None`` when the catalog sets no policy: the defaults of
+    :class:`Pricing` apply (``catalog.charges.effective_pricing``). ``None`` rather than a
+    default ``Pricing()`` so that a patch without a ``[pricing]`` table leaves the policy alone
+    (:func:`catalog.loader.merge_catalog`).
+    """
 
     task_classes: dict[str, TaskClass] = {}
     models: dict[str, ModelEntry] = {}
@@ -123,4 +166,5 @@ class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     aliases: dict[str, str] = {}
     #: task class -> model used when a request names no model (or ``"default"``).
     default_models: dict[str, str] = {}
+    pricing: Pricing | None = None
     version: int = 0

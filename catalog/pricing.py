@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from catalog.model import Offering
 
-__all__ = ["PICO_PER_MICRO", "cost_picousd", "picousd_to_microusd"]
+__all__ = ["PICO_PER_MICRO", "cost_picousd", "picousd_to_microusd", "price_picousd"]
 
 PICO_PER_MICRO = 10**6
 
@@ -24,14 +24,21 @@ def cost_picousd(units: Mapping[str, int], offering: Offering) -> int:
     """The cost of ``units`` (meter unit → count) at ``offering``'s prices, in pico-USD.
 
     ``floor(sum(units[u] * prices[u]) * 10**6 / price_per)``. Units the offering does not
-    price are free. Negative counts raise ``ValueError``.
+    price are free. Negative counts raise ``ValueError``. Who pays and who earns it:
+    :func:`catalog.charges.charge`.
     """
+    return price_picousd(units, offering.prices, offering.price_per)
+
+
+def price_picousd(units: Mapping[str, int], prices: Mapping[str, int], price_per: int) -> int:
+    """:func:`cost_picousd` for any price table: ``prices`` in micro-USD per ``price_per``
+    units (an offering's, or the platform fee of :class:`catalog.model.Pricing`)."""
     total = 0
     for unit, count in units.items():
         if count < 0:
             raise ValueError(f"negative usage for {unit!r}: {count}")
-        total += count * offering.prices.get(unit, 0)
-    return total * PICO_PER_MICRO // offering.price_per
+        total += count * prices.get(unit, 0)
+    return total * PICO_PER_MICRO // price_per
 
 
 def picousd_to_microusd(picousd: int) -> int:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 
 from catalog.errors import CatalogError, ResolveError, field_path
-from catalog.model import Catalog, ModelEntry, Offering, TaskClass, Upstream
+from catalog.model import Catalog, ModelEntry, Offering, Pricing, TaskClass, Upstream
 from catalog.resolve import DEFAULT_MODEL_NAME, RESERVED_PREFIX, canonical_model, split_pin
 from catalog.schema import schema_problem
 
@@ -29,6 +29,12 @@ _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ALIAS_PATH = re.compile(r"^/v1(/[a-z0-9][a-z0-9_.-]*)+$")
 _NAME = re.compile(r"^[^\s@]{1,200}$")  # model ids, alias names, offering ids
 _PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+#: Provider ids under this prefix name personal runtimes (catalog.charges.runtime_offering).
+_RUNTIME_PROVIDER = "runtime:"
+#: The provider of the operator's own capacity; never a marketplace seller.
+_HOSTED_PROVIDER = "hosted"
+#: Basis points in a whole (100 %).
+_BPS = 10_000
 #: Paths the gateway serves itself; a task class may not claim them.
 _RESERVED_PATHS = ("/v1/tasks", "/v1/models", "/v1/personal-runtimes", "/v1/admin")
 
@@ -40,7 +46,7 @@ def validate_catalog(cat: Catalog) -> None:
 
 
 def catalog_problems(cat: Catalog) -> Iterator[CatalogError]:
-    """Every problem of ``cat``, task classes first, then models, offerings, aliases, defaults.
+    """Every problem of ``cat``: task classes, models, offerings, aliases, defaults, pricing.
 
     Rules: task names match ``^[a-z][a-z0-9-]{0,63}$``; built-in classes use their own codec
     and only they have one; ``input_schema`` is a valid JSON Schema; ``alias_path`` is a
@@ -48,7 +54,12 @@ def catalog_problems(cat: Catalog) -> Iterator[CatalogError]:
     ``requests`` when counted per request). Model ids have no ``@`` or whitespace, are not
     under ``lattice:``, and serve existing task classes. Offering ids are unique; an offering
     names an existing model and a subset of its task classes; prices are non-negative integers
-    for units of those classes' meters, either none (free) or all of them; ``price_per`` > 0.
+    for units of those classes' meters, either none (free) or all of them; ``price_per`` > 0;
+    ``kind`` is ``hosted`` or ``marketplace`` (``runtime`` offerings are synthetic), provider
+    ids under ``runtime:`` are reserved for runtimes and a marketplace offering's provider is
+    not ``hosted``. The pricing policy's fee prices non-negative integers for meter units of
+    the catalog's task classes, ``runtime_platform_fee_per`` > 0, ``marketplace_margin_bps``
+    >= 0 and 0 <= ``provider_share_bps`` <= 10000.
     Aliases do not shadow models, resolve (chains allowed, cycles not), and defaults name
     models (or aliases of models) serving their task class.
     """
@@ -75,6 +86,8 @@ def catalog_problems(cat: Catalog) -> Iterator[CatalogError]:
         yield from _offering_problems(cat, index, offering)
     yield from _alias_problems(cat)
     yield from _default_problems(cat)
+    if cat.pricing is not None:
+        yield from _pricing_problems(cat, cat.pricing)
 
 
 def _task_problems(name: str, task: TaskClass) -> Iterator[CatalogError]:
@@ -158,6 +171,14 @@ def _offering_problems(cat: Catalog, index: int, o: Offering) -> Iterator[Catalo
         yield CatalogError(at("id"), "offering ids are non-empty, without '@' or whitespace")
     if not _PROVIDER.match(o.provider):
         yield CatalogError(at("provider"), "provider names match ^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    elif o.provider.startswith(_RUNTIME_PROVIDER):
+        yield CatalogError(at("provider"), f"ids under {_RUNTIME_PROVIDER!r} name runtimes")
+    elif o.kind == "marketplace" and o.provider == _HOSTED_PROVIDER:
+        yield CatalogError(at("provider"), "a marketplace offering names its provider")
+    if o.kind == "runtime":
+        yield CatalogError(
+            at("kind"), 'runtime offerings are synthetic; use "hosted" or "marketplace"'
+        )
     if o.price_per <= 0:
         yield CatalogError(at("price_per"), "must be positive")
     yield from _param_problems(at("supported_params"), o.supported_params)
@@ -241,3 +262,25 @@ def _default_problems(cat: Catalog) -> Iterator[CatalogError]:
             continue
         if task not in cat.models[model_id].task_classes:
             yield CatalogError(where, f"model {name!r} does not serve {task!r}")
+
+
+def _pricing_problems(cat: Catalog, pricing: Pricing) -> Iterator[CatalogError]:
+    def at(*parts: str) -> str:
+        return field_path("pricing", *parts)
+
+    units = {u for task in cat.task_classes.values() for u in task.meter.units}
+    for unit, price in pricing.runtime_platform_fee.items():
+        if unit not in units:
+            yield CatalogError(
+                at("runtime_platform_fee", unit), "not a meter unit of any task class"
+            )
+        elif price < 0:
+            yield CatalogError(at("runtime_platform_fee", unit), "must be >= 0")
+    if pricing.runtime_platform_fee_per <= 0:
+        yield CatalogError(at("runtime_platform_fee_per"), "must be positive")
+    if pricing.marketplace_margin_bps < 0:
+        yield CatalogError(at("marketplace_margin_bps"), "must be >= 0 (basis points)")
+    if not 0 <= pricing.provider_share_bps <= _BPS:
+        yield CatalogError(
+            at("provider_share_bps"), f"must be within 0..{_BPS} (basis points of the price)"
+        )

@@ -12,12 +12,15 @@ from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp
 
 from gateway.admin.routes import admin_routes
+from gateway.admin.spend_routes import spend_admin_routes
 from gateway.http import exception_to_response, json_response, request_context_middleware
 from gateway.logs import configure_logging
 from gateway.openai.dispatch_app import dispatch_app
 from gateway.openai.routes import openai_routes
 from gateway.runtime import Gateway
+from gateway.runtimes.routes import runtime_routes
 from gateway.settings import Settings, settings_from_env
+from gateway.usage_routes import usage_routes
 
 __all__ = ["create_app", "create_app_from_env"]
 
@@ -56,7 +59,14 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp
             await gw.stop()
 
     app = Litestar(
-        route_handlers=[*_health_routes(gw), *openai_routes(gw), *admin_routes(gw)],
+        route_handlers=[
+            *_health_routes(gw),
+            *openai_routes(gw),
+            *admin_routes(gw),
+            *runtime_routes(gw),
+            *usage_routes(gw),
+            *spend_admin_routes(gw),
+        ],
         exception_handlers={Exception: exception_to_response},
         lifespan=[lifespan],
         openapi_config=None,

@@ -11,13 +11,15 @@ class attributes, so raising code never picks a status by hand::
     ├── NotFound                      404 invalid_request_error / not_found
     │   ├── ModelNotFound             404 … / model_not_found
     │   ├── TaskNotFound              404 … / task_not_found
-    │   └── RuntimeNotFound           404 … / personal_lattice_not_found
+    │   ├── RuntimeNotFound           404 … / personal_lattice_not_found
+    │   └── UserCodeNotFound          404 … / user_code_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
     ├── Conflict                      409 invalid_request_error / idempotency_key_reused
     ├── PayloadTooLarge               413 invalid_request_error / request_too_large
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
     ├── Unprocessable                 422 invalid_request_error / unprocessable_entity
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded (+ retry_after)
+    ├── InsufficientQuota             429 insufficient_quota / insufficient_quota
     ├── UpstreamError                 502 api_error / upstream_error
     ├── ServiceUnavailable            503 api_error / service_unavailable
     │   ├── NoCapacity                503 api_error / no_capacity
@@ -35,6 +37,7 @@ __all__ = [
     "AuthenticationFailed",
     "Conflict",
     "ExecutionTimeout",
+    "InsufficientQuota",
     "InvalidRequest",
     "LatticeError",
     "MethodNotAllowed",
@@ -53,6 +56,7 @@ __all__ = [
     "UnsupportedParameter",
     "UpstreamError",
     "UpstreamTimeout",
+    "UserCodeNotFound",
 ]
 
 
@@ -133,6 +137,12 @@ class RuntimeNotFound(NotFound):
     code = "personal_lattice_not_found"
 
 
+class UserCodeNotFound(NotFound):
+    """No pending device authorization (RFC 8628) has this user code."""
+
+    code = "user_code_not_found"
+
+
 class MethodNotAllowed(LatticeError):
     status = 405
     type = "invalid_request_error"
@@ -167,6 +177,16 @@ class RateLimited(LatticeError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class InsufficientQuota(LatticeError):
+    """The workspace's monthly spend limit or prepaid credit does not cover the request:
+    OpenAI's 429 ``insufficient_quota`` (its SDKs raise ``RateLimitError``; retrying does
+    not help until the limit or credit changes)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class UpstreamError(LatticeError):

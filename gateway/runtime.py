@@ -12,8 +12,10 @@ import logging
 
 import redis.asyncio as aioredis
 
+from billing.spend import SpendGuard
 from billing.spool import SpoolOutbox
 from billing.usage import DiscardingOutbox, UsageOutbox
+from billing.usage_ledger import UsageLedger
 from catalog.loader import load_seed
 from gateway import keys
 from gateway.auth.apikeys import ApiKeyStore
@@ -25,6 +27,7 @@ from gateway.dispatch.service import DispatchService
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import Metrics
+from gateway.runtimes.store import RuntimeStore
 from gateway.settings import Settings, spool_path
 
 __all__ = ["Gateway"]
@@ -53,6 +56,7 @@ class Gateway:
         self.catalog = LiveCatalog(self.catalog_store, poll_interval=settings.catalog_poll_s)
         self.apikeys = ApiKeyStore(self.redis)
         self.workspaces = WorkspaceStore(self.redis)
+        self.runtimes = RuntimeStore(self.redis)
         self.jwt = JwtVerifier(settings.jwt_issuers) if settings.jwt_issuers else None
         self.authenticator = Authenticator(self.apikeys, self.jwt)
         self.upstreams = UpstreamClient()
@@ -60,7 +64,10 @@ class Gateway:
         #: Usage records go to a local spool, shipped to Redis in the background.
         self.spool = SpoolOutbox(spool_path(settings), self.redis) if settings.metering else None
         outbox: UsageOutbox = self.spool or DiscardingOutbox()
+        self.spend = SpendGuard(self.redis)
+        self.ledger = UsageLedger(self.redis)
         self.service = DispatchService(
+            spend=self.spend,
             catalog=self.catalog,
             workspaces=self.workspaces,
             upstreams=self.upstreams,
@@ -78,6 +85,7 @@ class Gateway:
         await self.catalog.start()
         if self.spool is not None:
             await self.spool.start()
+        await self.ledger.start()
         self._events_task = asyncio.create_task(self._listen_events(), name="lattice-events")
         self.started = True
 
@@ -91,6 +99,8 @@ class Gateway:
         await self.upstreams.close()
         if self.jwt is not None:
             await self.jwt.close()
+        await self.spend.drain()
+        await self.ledger.stop()
         if self.spool is not None:
             await self.spool.stop()  # ships what it can while Redis is still open
         await self.redis.aclose()
@@ -137,6 +147,7 @@ class Gateway:
     def _set_cache_ttl(self, ttl_s: float | None) -> None:
         self.apikeys.set_cache_ttl(ttl_s)
         self.workspaces.set_cache_ttl(ttl_s)
+        self.spend.set_cache_ttl(ttl_s)
         subscribed = ttl_s is not None
         self.catalog.set_poll_interval(
             max(SUBSCRIBED_CATALOG_POLL_S, self.settings.catalog_poll_s)
@@ -148,6 +159,8 @@ class Gateway:
         if self.apikeys.handle_event(text):
             return
         if text.startswith("workspace-changed:"):
-            self.workspaces.invalidate(text.split(":", 1)[1])
+            name = text.split(":", 1)[1]
+            self.workspaces.invalidate(name)
+            self.spend.invalidate(name)
         elif text.startswith("catalog:"):
             await self.catalog.run_once()

@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from daemon.cli import add_daemon_commands
 from gateway.cli.admin_client import AdminError
 from gateway.cli.admin_commands import add_admin_commands
+from gateway.cli.runtimes_commands import add_runtimes_commands
 from gateway.cli.up import add_up_command
+from gateway.cli.usage_commands import add_usage_commands
 
 __all__ = ["main"]
 
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_up_command(sub)
     add_admin_commands(sub)
+    add_usage_commands(sub)
+    add_runtimes_commands(sub)
+    add_daemon_commands(sub)
     return parser
 
 

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from billing.usage import UsageRecord
-from catalog.model import Meter, Offering
-from catalog.pricing import cost_picousd, picousd_to_microusd
+from catalog.charges import applied_prices, charge
+from catalog.model import Meter, Offering, Pricing
+from catalog.pricing import picousd_to_microusd
 
 __all__ = ["build_record", "estimate_tokens", "meter_units"]
 
@@ -47,8 +48,20 @@ def build_record(
     finished_ms: int,
     status: str,
     tags: dict[str, str],
+    pricing: Pricing | None = None,
+    same_workspace: bool = False,
 ) -> UsageRecord:
-    picousd = cost_picousd(units, offering)
+    """The usage record of one dispatch, charged by :func:`catalog.charges.charge`.
+
+    ``pricing`` is the catalog's policy in force (``catalog.charges.effective_pricing``;
+    ``None``: the defaults); ``same_workspace`` says whether the serving party belongs to the
+    calling workspace (a personal runtime always does). ``offering`` names the serving party
+    (its ``provider``) and how it serves (its ``kind``); for a personal runtime pass
+    ``catalog.charges.runtime_offering(model, lat_id, pricing)``.
+    """
+    money = charge(units, offering, pricing, same_workspace=same_workspace)
+    prices, price_per = applied_prices(offering, pricing, same_workspace=same_workspace)
+    picousd = money.customer_picousd
     return UsageRecord(
         dispatch_id=dispatch_id,
         request_id=request_id,
@@ -61,8 +74,8 @@ def build_record(
         offering=offering.id,
         provider=offering.provider,
         units=units,
-        prices=dict(offering.prices),
-        price_per=offering.price_per,
+        prices=prices,
+        price_per=price_per,
         cost_picousd=picousd,
         cost_microusd=picousd_to_microusd(picousd),
         started_ms=started_ms,
@@ -70,4 +83,8 @@ def build_record(
         status=status,  # type: ignore[arg-type]
         tags=tags,
         units_estimated=estimated,
+        serving_kind=offering.kind,
+        serving_id=offering.provider,
+        provider_earnings_picousd=money.provider_earnings_picousd,
+        platform_picousd=money.platform_picousd,
     )

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import msgspec
 
 from catalog import errors as catalog_errors
-from catalog.model import Catalog, ModelEntry, Offering, TaskClass
+from catalog.charges import effective_pricing
+from catalog.model import Catalog, ModelEntry, Offering, Pricing, TaskClass
 from catalog.resolve import Resolved, resolve_model
 from catalog.schema import compile_input_schema
 from gateway.auth.principal import Principal, Scope
@@ -100,6 +101,11 @@ class Plan(msgspec.Struct):
     targets: tuple[Target, ...]
     #: The workspace opted in to logging request and response bodies.
     log_bodies: bool = False
+    #: The catalog's pricing policy at planning time: the one in force for this dispatch.
+    pricing: Pricing | None = None
+    #: A spend reservation was made for this dispatch (billing.spend); it was metered.
+    reserved: bool = False
+    metered: bool = False
 
 
 def _now_ms() -> int:
@@ -174,6 +180,7 @@ class Planner:
             started_ms=_now_ms(),
             tags=_tags(body),
             targets=targets,
+            pricing=effective_pricing(cat),
             log_bodies=getattr(workspace, "log_bodies", False) is True,
         )
 

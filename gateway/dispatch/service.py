@@ -14,7 +14,9 @@ from typing import Any
 import anyio
 import msgspec
 
-from billing.usage import UsageOutbox
+from billing.estimate import max_estimate_picousd
+from billing.spend import QUOTA_MESSAGE, QuotaExceeded, SpendGuard
+from billing.usage import UsageOutbox, UsageRecord
 from catalog.model import Offering
 from catalog.resolve import effective_params
 from gateway.auth.principal import Principal
@@ -33,6 +35,7 @@ from gateway.dispatch.relay import DONE, StreamRelay, UpstreamStreamError, error
 from gateway.dispatch.runtime_target import RuntimeCaller, RuntimeTarget
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.errors import (
+    InsufficientQuota,
     LatticeError,
     NoCapacity,
     RelayUnavailable,
@@ -100,7 +103,9 @@ class DispatchService:
         drop_params_default: bool = True,
         runtimes: RuntimeView | None = None,
         runtime_caller: RuntimeCaller | None = None,
+        spend: SpendGuard | None = None,
     ) -> None:
+        self._spend = spend
         self._planner = Planner(
             catalog=catalog,
             workspaces=workspaces,
@@ -141,22 +146,64 @@ class DispatchService:
         if plan.log_bodies:  # only ever for a workspace that opted in
             log.info("request body", extra={"dispatch_id": plan.dispatch_id, "body": call.body})
         if plan.stream:
-            return await self._dispatch_stream(call, plan)
+            await self._admit(call, plan)
+            try:
+                return await self._dispatch_stream(call, plan)
+            except BaseException:
+                await self._release(call, plan)
+                raise
         key = call.idempotency_key
         if key is None:
-            return await self._dispatch_once(call, plan)
+            await self._admit(call, plan)
+            try:
+                return await self._dispatch_once(call, plan)
+            except BaseException:
+                await self._release(call, plan)
+                raise
         ws = call.principal.workspace
         digest = body_digest(call.task, call.raw)
         stored = await self._idempotency.begin(ws, key, digest)
         if stored is not None:
             return JsonOutcome(stored.body, stored.status, {"idempotent-replayed": "true"})
         try:
+            await self._admit(call, plan)
             outcome = await self._dispatch_once(call, plan)
         except BaseException:
+            await self._release(call, plan)
             await self._idempotency.abandon(ws, key)
             raise
         await self._idempotency.complete(ws, key, digest, outcome.status, outcome.body)
         return outcome
+
+    async def _admit(self, call: TaskCall, plan: Plan) -> None:
+        """Reserve the request's estimated cost against its workspace's spend limit and
+        credit (billing.spend): 429 insufficient_quota before any upstream work."""
+        if self._spend is None:
+            return
+        model = plan.resolved.model
+        estimate = max_estimate_picousd(
+            plan.task.meter,
+            (_offering(t) for t in plan.targets),
+            call.body,
+            model.max_output_tokens,
+            model.context_length,
+        )
+        try:
+            plan.reserved = await self._spend.admit(
+                call.principal.workspace,
+                reservation_id=plan.dispatch_id,
+                estimate_picousd=estimate,
+                now_ms=plan.started_ms,
+            )
+        except QuotaExceeded:
+            raise InsufficientQuota(QUOTA_MESSAGE) from None
+
+    async def _release(self, call: TaskCall, plan: Plan) -> None:
+        """Give back the reservation of a dispatch that ended before it was metered."""
+        if plan.reserved and not plan.metered and self._spend is not None:
+            plan.reserved = False
+            with anyio.CancelScope(shield=True):
+                await self._spend.release(call.principal.workspace, reservation_id=plan.dispatch_id)
 
     def _path(self, plan: Plan, offering: Offering) -> str:
         upstream = offering.upstream
@@ -258,14 +305,23 @@ class DispatchService:
     ) -> AsyncGenerator[bytes, None]:
         relay = StreamRelay(plan.display_model, plan.include_usage)
         status = "cancelled"
+
+        def checkpoint() -> None:
+            # Before the event goes out: if this process dies from here on, what the caller
+            # got is billed (billing/spool_checkpoints.py).
+            units, estimated = self._units_so_far(call, plan, relay)
+            self._outbox.checkpoint(self._record(call, plan, offering, units, estimated, "failed"))
+
         try:
             if first is not None:
                 event = relay.relay(first)
                 if event is not None:
+                    checkpoint()
                     yield event
                 async for payload in upstream:
                     event = relay.relay(payload)
                     if event is not None:
+                        checkpoint()
                         yield event
             status = "completed"
             yield DONE
@@ -282,14 +338,21 @@ class DispatchService:
             # cancellation so the record is written.
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
-                units, estimated = meter_units(plan.task.meter, relay.usage)
-                if estimated:
-                    units = estimate_stream_units(units, call.body, relay.delivered_chars)
+                units, estimated = self._units_so_far(call, plan, relay)
                 await self._meter(call, plan, offering, units, estimated, status)
 
     # -- metering ----------------------------------------------------------------------
 
-    async def _meter(
+    @staticmethod
+    def _units_so_far(
+        call: TaskCall, plan: Plan, relay: StreamRelay
+    ) -> tuple[dict[str, int], bool]:
+        units, estimated = meter_units(plan.task.meter, relay.usage)
+        if estimated:
+            units = estimate_stream_units(units, call.body, relay.delivered_chars)
+        return units, estimated
+
+    def _record(
         self,
         call: TaskCall,
         plan: Plan,
@@ -297,9 +360,9 @@ class DispatchService:
         units: dict[str, int],
         estimated: bool,
         status: str,
-    ) -> None:
+    ) -> UsageRecord:
         p = call.principal
-        record = build_record(
+        return build_record(
             dispatch_id=plan.dispatch_id,
             request_id=call.request_id,
             principal_fields={
@@ -317,6 +380,24 @@ class DispatchService:
             finished_ms=_now_ms(),
             status=status,
             tags=plan.tags,
+            pricing=plan.pricing,
+            # A personal runtime only ever serves its own workspace; marketplace daemons
+            # will compare their workspace with the caller's here.
+            same_workspace=offering.kind == "runtime",
         )
+
+    async def _meter(
+        self,
+        call: TaskCall,
+        plan: Plan,
+        offering: Offering,
+        units: dict[str, int],
+        estimated: bool,
+        status: str,
+    ) -> None:
+        record = self._record(call, plan, offering, units, estimated, status)
         self._metrics.dispatches.labels(plan.task.name, status).inc()
         await self._outbox.append(record)
+        plan.metered = True
+        if plan.reserved and self._spend is not None:
+            self._spend.settle_in_background(record)

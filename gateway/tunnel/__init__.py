@@ -1,2 +1,2 @@
-"""The gateway's side of the tunnel: minted dispatch tokens and the JWKS that verifies them
-(:mod:`gateway.tunnel.tokens`, :mod:`gateway.tunnel.routes`)."""
+"""The gateway's side of the tunnel; among its modules, :mod:`gateway.tunnel.tokens` mints
+dispatch tokens and :mod:`gateway.tunnel.routes` serves the JWKS that verifies them."""
