@@ -1,5 +1,5 @@
 -- Ship one batch of spooled usage records into the stream, and advance the spool file's
--- shipped offset in the same atomic step (billing/spool.py, SpoolOutbox).
+-- shipped offset in the same atomic step (billing/spool_shipper.py, SpoolShipper).
 --
 -- KEYS[1]       the usage stream
 -- KEYS[2]       the spool file's shipped offset (billing.keys.spool_offset); missing = 0

@@ -1,7 +1,8 @@
 """``lattice daemon …``: the personal runtime daemon's commands.
 
 ``pair`` pairs this machine with a gateway (device flow, or ``--token`` for a one-time
-bootstrap token) and stores the credential in the config directory (``daemon/config.py``).
+bootstrap token) and stores the credential in the config directory (``daemon/config.py``);
+``run`` serves dispatches through the tunnel (``daemon/run_command.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from daemon.config import ConfigError, config_dir, load_credentials
 from daemon.pairing import PairingError, pair
+from daemon.run_command import add_run_command
 
 __all__ = ["add_daemon_commands", "run_pair"]
 
@@ -71,5 +73,4 @@ def add_daemon_commands(sub: Any) -> None:
     )
     p.set_defaults(func=run_pair)
 
-    # `lattice daemon run` (dial the tunnel, serve dispatches) is added here:
-    #   p = daemon_sub.add_parser("run", ...); p.set_defaults(func=...)
+    add_run_command(daemon_sub)

@@ -20,6 +20,7 @@ from gateway.openai.routes import openai_routes
 from gateway.runtime import Gateway
 from gateway.runtimes.routes import runtime_routes
 from gateway.settings import Settings, settings_from_env
+from gateway.tunnel.routes import tunnel_routes
 from gateway.usage_routes import usage_routes
 
 __all__ = ["create_app", "create_app_from_env"]
@@ -64,6 +65,7 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp
             *openai_routes(gw),
             *admin_routes(gw),
             *runtime_routes(gw),
+            *tunnel_routes(gw.tunnels),
             *usage_routes(gw),
             *spend_admin_routes(gw),
         ],

@@ -29,6 +29,7 @@ from gateway.idempotency import IdempotencyStore
 from gateway.metrics import Metrics
 from gateway.runtimes.store import RuntimeStore
 from gateway.settings import Settings, spool_path
+from gateway.tunnel.host import TunnelHost
 
 __all__ = ["Gateway"]
 
@@ -66,7 +67,11 @@ class Gateway:
         outbox: UsageOutbox = self.spool or DiscardingOutbox()
         self.spend = SpendGuard(self.redis)
         self.ledger = UsageLedger(self.redis)
+        #: Personal runtimes: tunnels held here, dispatch to tunnels held anywhere.
+        self.tunnels = TunnelHost(self.redis, self.runtimes, self.catalog, settings)
         self.service = DispatchService(
+            runtimes=self.tunnels.directory,
+            runtime_caller=self.tunnels.caller,
             spend=self.spend,
             catalog=self.catalog,
             workspaces=self.workspaces,
@@ -86,11 +91,13 @@ class Gateway:
         if self.spool is not None:
             await self.spool.start()
         await self.ledger.start()
+        await self.tunnels.start()
         self._events_task = asyncio.create_task(self._listen_events(), name="lattice-events")
         self.started = True
 
     async def stop(self) -> None:
         self.started = False
+        await self.tunnels.stop()
         if self._events_task is not None:
             self._events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +163,7 @@ class Gateway:
         )
 
     async def _apply_event(self, text: str) -> None:
-        if self.apikeys.handle_event(text):
+        if self.apikeys.handle_event(text) or self.tunnels.handle_event(text):
             return
         if text.startswith("workspace-changed:"):
             name = text.split(":", 1)[1]

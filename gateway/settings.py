@@ -33,6 +33,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metering: bool = True
     #: Directory of the local usage spool (``billing/spool.py``); empty: the default below.
     spool_dir: str = ""
+    #: Tunnel heartbeats: a Ping after this much send-silence; a daemon silent for
+    #: ``tunnel_dead_after_s`` is dropped (noticed within that plus two ticks, 14 s by default).
+    tunnel_heartbeat_s: float = 5.0
+    tunnel_dead_after_s: float = 12.0
+    #: A personal runtime's deadline for one dispatch (504 personal_lattice_execution_timeout).
+    runtime_timeout_s: float = 120.0
     log_level: str = "info"
     #: Log as JSON lines (one object per line, carrying the request id).
     log_json: bool = True
@@ -68,6 +74,9 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object)
         "LATTICE_SEED_CATALOG": ("seed_catalog", _bool),
         "LATTICE_METERING": ("metering", _bool),
         "LATTICE_SPOOL_DIR": ("spool_dir", str),
+        "LATTICE_TUNNEL_HEARTBEAT_S": ("tunnel_heartbeat_s", float),
+        "LATTICE_TUNNEL_DEAD_AFTER_S": ("tunnel_dead_after_s", float),
+        "LATTICE_RUNTIME_TIMEOUT_S": ("runtime_timeout_s", float),
         "LATTICE_LOG_LEVEL": ("log_level", str),
         "LATTICE_LOG_JSON": ("log_json", _bool),
     }

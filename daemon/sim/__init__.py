@@ -5,10 +5,13 @@
   :mod:`~daemon.sim.completions` (legacy), :mod:`~daemon.sim.embeddings`,
   :mod:`~daemon.sim.inputs` (request fields they share) and :mod:`~daemon.sim.errors`;
 - :mod:`daemon.sim.protocol` — the msgspec wire types it reads and writes;
-- :mod:`daemon.sim.server` — a raw ASGI app on uvicorn (:func:`create_app`, :func:`serve`,
-  :func:`main`, :class:`SimThread` for tests and benchmarks).
+- :mod:`daemon.sim.app` — the raw ASGI app (:func:`create_app`, :class:`SimConfig`), over
+  :mod:`~daemon.sim.asgi` (body reading, JSON and error responses, lifespan);
+- :mod:`daemon.sim.server` — that app on uvicorn (:func:`serve`, :func:`main`,
+  :class:`SimThread` for tests and benchmarks).
 
-Only the engine and protocol are imported here; the server (and uvicorn) load on demand.
+Only the engine and protocol are imported here; the app and the server (and uvicorn) load on
+demand.
 """
 
 from daemon.sim.engine import (

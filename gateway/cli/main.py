@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from billing.cli import add_billing_commands
+from billing.payouts_cli import add_payout_commands
 from daemon.cli import add_daemon_commands
 from gateway.cli.admin_client import AdminError
 from gateway.cli.admin_commands import add_admin_commands
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_up_command(sub)
     add_admin_commands(sub)
     add_usage_commands(sub)
+    add_billing_commands(sub, extra=[add_payout_commands])
     add_runtimes_commands(sub)
     add_daemon_commands(sub)
     return parser

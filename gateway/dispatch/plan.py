@@ -65,10 +65,16 @@ class WorkspaceView(Protocol):
 
 
 class RuntimeInfo(Protocol):
-    id: str
-    models: tuple[str, ...]
-    task_classes: tuple[str, ...]
-    default_model: str | None
+    """What a connected daemon advertised (read-only)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def task_classes(self) -> tuple[str, ...]: ...
+    @property
+    def default_model(self) -> str | None: ...
 
 
 class RuntimeView(Protocol):
@@ -242,6 +248,18 @@ class Planner:
             )
         return tuple(targets)
 
+    @staticmethod
+    def _personal_model(cat: Catalog, task: TaskClass, runtime: RuntimeInfo) -> str | None:
+        """The runtime's default model if it serves ``task``, else the first advertised
+        catalog model that does (embeddings on a runtime whose default is a chat model),
+        else the default (a local-only model the catalog cannot vouch for)."""
+        candidates = [m for m in (runtime.default_model, *runtime.models) if m]
+        for model_id in candidates:
+            entry = cat.models.get(model_id)
+            if entry is not None and task.name in entry.task_classes:
+                return model_id
+        return candidates[0] if candidates else None
+
     async def _personal(
         self, cat: Catalog, task: TaskClass, requested: str, principal: Principal
     ) -> tuple[Resolved, tuple[Target, ...]]:
@@ -257,7 +275,7 @@ class Planner:
                 "access to it.",
                 param="model",
             )
-        model_id = runtime.default_model or next(iter(runtime.models), None)
+        model_id = self._personal_model(cat, task, runtime)
         if model_id is None:
             raise RelayUnavailable(
                 f"The personal runtime '{runtime_id}' has not connected yet; start its daemon."

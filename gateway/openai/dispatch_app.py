@@ -23,6 +23,7 @@ from gateway.dispatch.service import JsonOutcome, TaskCall
 from gateway.errors import MethodNotAllowed, PayloadTooLarge
 from gateway.http import as_lattice_error, check_json_headers, decode_json_object, error_body
 from gateway.runtime import Gateway
+from gateway.tunnel.host import TUNNEL_PATH
 
 __all__ = ["ALIAS_PATHS", "dispatch_app"]
 
@@ -63,6 +64,9 @@ def dispatch_app(gw: Gateway) -> Callable[[ASGIApp], ASGIApp]:
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == ScopeType.WEBSOCKET and scope["path"] == TUNNEL_PATH:
+                await gw.tunnels.serve(scope, receive, send)
+                return
             if scope["type"] == ScopeType.HTTP:
                 task = task_for(scope["path"])
                 if task is not None:

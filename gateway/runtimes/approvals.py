@@ -24,7 +24,8 @@ from gateway import keys
 from gateway.errors import RateLimited, UserCodeNotFound
 from gateway.runtimes.device_grants import DeviceGrant, DeviceGrantStore
 from gateway.runtimes.ratelimit import FixedWindow
-from gateway.runtimes.store import RuntimeRecord, RuntimeStore, validate_runtime_name
+from gateway.runtimes.records import RuntimeRecord, validate_runtime_name
+from gateway.runtimes.store import RuntimeStore
 from gateway.runtimes.user_codes import display_user_code, normalise_user_code
 
 __all__ = ["DEFAULT_RUNTIME_NAME", "ApprovalLimits", "DeviceApprovals"]

@@ -51,7 +51,8 @@ from authlib.oauth2.rfc8628 import (
 from gateway import keys
 from gateway.errors import InvalidRequest
 from gateway.runtimes.device_grants import DeviceGrant, DeviceGrantStore, device_key
-from gateway.runtimes.store import RuntimeStore, validate_runtime_name
+from gateway.runtimes.records import validate_runtime_name
+from gateway.runtimes.store import RuntimeStore
 from gateway.runtimes.user_codes import new_user_code, normalise_user_code
 
 __all__ = [

@@ -40,7 +40,7 @@ from gateway.runtimes.protocol import (
     PersonalRuntimeList,
 )
 from gateway.runtimes.ratelimit import FixedWindow
-from gateway.runtimes.store import RuntimeRecord, RuntimeStatus
+from gateway.runtimes.records import RuntimeRecord, RuntimeStatus
 from gateway.runtimes.user_codes import display_user_code, normalise_user_code
 
 __all__ = ["runtime_object", "runtime_routes"]

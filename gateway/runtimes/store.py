@@ -1,9 +1,11 @@
 """Personal runtime records in Redis: create, pair, authenticate, list, revoke.
 
 Storage (keys from :mod:`gateway.keys`): one hash per runtime at ``keys.runtime(id)`` whose
-fields are those of :class:`RuntimeRecord` (integers in decimal, ``models`` and
-``task_classes`` as JSON arrays, absent fields for ``None``), plus two secret digests that
-never leave this module: ``cred_sha256`` (the runtime credential) and, until redeemed,
+fields are those of :class:`~gateway.runtimes.records.RuntimeRecord` (integers in decimal,
+``models`` and ``task_classes`` as JSON arrays, absent fields for ``None``; encoded and
+decoded by :mod:`gateway.runtimes.records`), plus two secret digests that only this module
+writes and compares: ``cred_sha256`` (the runtime credential; decoded into the record's
+``credential_sha256``, which is never rendered to a caller) and, until redeemed,
 ``boot_sha256``/``boot_expires_ms`` (the one-time bootstrap token). Runtime ids of a
 workspace are members of ``keys.workspace_runtimes(ws)``. Records are never deleted: a revoked
 runtime stays listed with status ``revoked``.
@@ -29,14 +31,22 @@ import hmac
 import importlib.resources
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from gateway import keys
-from gateway.errors import InvalidRequest
+from gateway.runtimes.records import (
+    RuntimeRecord,
+    RuntimeStatus,
+    as_text,
+    decode_record,
+    encode_list,
+    hash_fields,
+    runtime_status,
+    validate_runtime_name,
+)
 from gateway.runtimes.tokens import (
     BOOTSTRAP_PREFIX,
     CREDENTIAL_PREFIX,
@@ -48,20 +58,11 @@ from gateway.runtimes.tokens import (
     parse_secret_token,
 )
 
-__all__ = [
-    "RUNTIME_REVOKED_EVENT",
-    "RuntimeRecord",
-    "RuntimeStatus",
-    "RuntimeStore",
-    "runtime_status",
-    "validate_runtime_name",
-]
+__all__ = ["RUNTIME_REVOKED_EVENT", "RuntimeStore"]
 
-RuntimeStatus = Literal["unpaired", "reachable", "offline", "revoked"]
 #: Prefix of the pub/sub message :meth:`RuntimeStore.revoke` publishes on ``EVENTS_CHANNEL``.
 RUNTIME_REVOKED_EVENT = "runtime-revoked:"
 
-_MAX_NAME = 128
 #: Read in place of a malformed id, so that a bad id costs the same round trip as a good one.
 _PLACEHOLDER_ID = "lat_" + "a" * 16
 _SECRET_FIELDS = ("cred_sha256", "boot_sha256", "boot_expires_ms")
@@ -74,86 +75,6 @@ def _lua(name: str) -> str:
 _REDEEM_LUA = _lua("bootstrap_redeem.lua")
 _PAIR_LUA = _lua("device_pair.lua")
 _UPDATE_LUA = _lua("update_existing.lua")
-_LIST = msgspec.json.Decoder(tuple[str, ...])
-_JSON = msgspec.json.Encoder()
-
-
-class RuntimeRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One personal runtime. Times are Unix milliseconds.
-
-    ``credential_sha256`` is the stored digest of the runtime credential (``None`` until
-    paired and after revocation); it is never rendered to a caller.
-    """
-
-    id: str
-    workspace: str
-    name: str
-    created_ms: int
-    paired_ms: int | None = None
-    revoked_ms: int | None = None
-    last_seen_ms: int | None = None
-    models: tuple[str, ...] = ()
-    task_classes: tuple[str, ...] = ()
-    default_model: str | None = None
-    daemon_version: str | None = None
-    concurrency: int | None = None
-    credential_sha256: str | None = None
-
-
-def runtime_status(record: RuntimeRecord, *, reachable: bool) -> RuntimeStatus:
-    """``revoked`` if revoked; ``unpaired`` if never paired; ``reachable`` while a gateway
-    process holds its tunnel (``keys.runtime_holder`` exists); else ``offline``."""
-    if record.revoked_ms is not None:
-        return "revoked"
-    if record.paired_ms is None:
-        return "unpaired"
-    return "reachable" if reachable else "offline"
-
-
-def validate_runtime_name(name: object) -> str:
-    """``name`` stripped, if it is 1-128 printable characters; else :class:`InvalidRequest`."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest("A runtime name must be a non-empty string.", param="name")
-    name = name.strip()
-    if len(name) > _MAX_NAME or not name.isprintable():
-        raise InvalidRequest(
-            f"A runtime name is at most {_MAX_NAME} printable characters.", param="name"
-        )
-    return name
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _fields(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _int(h: Mapping[str, str], name: str) -> int | None:
-    return int(h[name]) if name in h else None
-
-
-def _decode(h: Mapping[str, str]) -> RuntimeRecord | None:
-    """The record of an HGETALL reply (as text); ``None`` if empty or incomplete."""
-    try:
-        return RuntimeRecord(
-            id=h["id"],
-            workspace=h["workspace"],
-            name=h["name"],
-            created_ms=int(h["created_ms"]),
-            paired_ms=_int(h, "paired_ms"),
-            revoked_ms=_int(h, "revoked_ms"),
-            last_seen_ms=_int(h, "last_seen_ms"),
-            models=_LIST.decode(h["models"]) if "models" in h else (),
-            task_classes=_LIST.decode(h["task_classes"]) if "task_classes" in h else (),
-            default_model=h.get("default_model"),
-            daemon_version=h.get("daemon_version"),
-            concurrency=_int(h, "concurrency"),
-            credential_sha256=h.get("cred_sha256"),
-        )
-    except (KeyError, ValueError, msgspec.DecodeError):
-        return None
 
 
 def _now_ms() -> int:
@@ -225,10 +146,10 @@ class RuntimeStore:
         if parsed is None:
             return None
         runtime_id, secret = parsed
-        h = _fields(await self._redis.hgetall(keys.runtime(runtime_id)))
+        h = hash_fields(await self._redis.hgetall(keys.runtime(runtime_id)))
         presented = digest(secret)
         stored = h.get("boot_sha256", DUMMY_DIGEST)
-        record = _decode(h)
+        record = decode_record(h)
         if not hmac.compare_digest(presented, stored) or record is None:
             return None
         now = self._clock()
@@ -280,8 +201,8 @@ class RuntimeStore:
         if parsed is None:
             return None
         runtime_id, secret = parsed
-        h = _fields(await self._redis.hgetall(keys.runtime(runtime_id)))
-        record = _decode(h)
+        h = hash_fields(await self._redis.hgetall(keys.runtime(runtime_id)))
+        record = decode_record(h)
         stored = h.get("cred_sha256", DUMMY_DIGEST)
         if not hmac.compare_digest(digest(secret), stored):
             return None
@@ -302,8 +223,8 @@ class RuntimeStore:
     ) -> bool:
         """Store what a connecting daemon advertised; ``False`` if there is no such runtime."""
         values: dict[str, EncodableT | None] = {
-            "models": _JSON.encode(tuple(models)),
-            "task_classes": _JSON.encode(tuple(task_classes)),
+            "models": encode_list(models),
+            "task_classes": encode_list(task_classes),
             "default_model": default_model,
             "daemon_version": daemon_version,
             "concurrency": concurrency,
@@ -332,7 +253,7 @@ class RuntimeStore:
             pipe.hgetall(keys.runtime(read_id))
             pipe.exists(keys.runtime_holder(read_id))
             raw, holder = await pipe.execute()
-        record = _decode(_fields(raw))
+        record = decode_record(hash_fields(raw))
         if not valid or record is None or record.workspace != workspace:
             return None
         return record, runtime_status(record, reachable=bool(holder))
@@ -346,7 +267,7 @@ class RuntimeStore:
     ) -> builtins.list[tuple[RuntimeRecord, RuntimeStatus]]:
         """Every runtime of the workspace with its status, oldest first."""
         ids = sorted(
-            _text(i) for i in await self._redis.smembers(keys.workspace_runtimes(workspace))
+            as_text(i) for i in await self._redis.smembers(keys.workspace_runtimes(workspace))
         )
         if not ids:
             return []
@@ -357,7 +278,7 @@ class RuntimeStore:
             replies = await pipe.execute()
         out = []
         for raw, holder in zip(replies[::2], replies[1::2], strict=True):
-            record = _decode(_fields(raw))
+            record = decode_record(hash_fields(raw))
             if record is not None and record.workspace == workspace:
                 out.append((record, runtime_status(record, reachable=bool(holder))))
         return sorted(out, key=lambda pair: (pair[0].created_ms, pair[0].id))
@@ -405,7 +326,7 @@ class RuntimeStore:
         return record
 
     async def _read(self, runtime_id: str) -> RuntimeRecord | None:
-        return _decode(_fields(await self._redis.hgetall(keys.runtime(runtime_id))))
+        return decode_record(hash_fields(await self._redis.hgetall(keys.runtime(runtime_id))))
 
     async def _update_fields(
         self, runtime_id: str, values: Mapping[str, EncodableT | None]

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 from catalog.charges import effective_pricing, runtime_offering
 from catalog.model import Catalog, Offering
-from gateway.runtimes.store import RuntimeRecord, RuntimeStore
+from gateway.runtimes.records import RuntimeRecord
+from gateway.runtimes.store import RuntimeStore
 
 __all__ = ["PRESENCE_EVENT", "RuntimeDirectory"]
 

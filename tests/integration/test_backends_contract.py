@@ -23,7 +23,8 @@ from daemon.backends import (
     UnsupportedTask,
 )
 from daemon.backends.mapping import ModelMap
-from daemon.sim.server import SimConfig, SimThread
+from daemon.sim.app import SimConfig
+from daemon.sim.server import SimThread
 
 LLAMA = "lovelace:llama-3.2-3b-instruct"
 MINILM = "lovelace:all-minilm-l6-v2"

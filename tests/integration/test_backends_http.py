@@ -31,8 +31,9 @@ from daemon.backends import (
 )
 from daemon.backends.http_client import HttpTimeouts
 from daemon.backends.mapping import ModelMap
+from daemon.sim.app import SimConfig
 from daemon.sim.engine import SimModel
-from daemon.sim.server import SimConfig, SimThread
+from daemon.sim.server import SimThread
 from gateway.redis_server import free_port
 
 LLAMA = "lovelace:llama-3.2-3b-instruct"

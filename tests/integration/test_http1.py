@@ -28,8 +28,8 @@ from gateway.dispatch.http1 import (
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
-    _Connection,
 )
+from gateway.dispatch.http1.connection import Connection
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.redis_server import free_port
@@ -404,7 +404,7 @@ async def test_flow_control_bounds_memory() -> None:
         async with Server(firehose) as srv:
             resp = await client.request("GET", srv.url + "/big")
             conn = resp._conn
-            assert isinstance(conn, _Connection)
+            assert isinstance(conn, Connection)
             await asyncio.sleep(0.3)  # a consumer that does not read
             assert conn._paused
             assert not finished.is_set()  # the server is blocked by TCP back-pressure

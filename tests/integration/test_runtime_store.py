@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from gateway import keys
 from gateway.errors import InvalidRequest
 from gateway.runtimes.device_grants import DeviceGrant, DeviceGrantStore, device_key
-from gateway.runtimes.store import RuntimeRecord, RuntimeStore
+from gateway.runtimes.records import RuntimeRecord
+from gateway.runtimes.store import RuntimeStore
 from gateway.runtimes.tokens import parse_secret_token
 
 

@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from daemon.sim.server import SimConfig, SimThread
+from daemon.sim.app import SimConfig
+from daemon.sim.server import SimThread
 from gateway.redis_server import free_port
 from tests.openapi_schemas import validate, validate_completion_chunk
 

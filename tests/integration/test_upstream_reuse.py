@@ -10,7 +10,8 @@ import msgspec
 import pytest
 
 from catalog.model import Upstream
-from daemon.sim.server import SimConfig, SimThread
+from daemon.sim.app import SimConfig
+from daemon.sim.server import SimThread
 from gateway.dispatch.upstream import UpstreamClient
 
 

@@ -62,6 +62,13 @@ def test_only_billing_imports_stripe() -> None:
             assert not any(n.split(".")[0] == "stripe" for n in imports(path)), path
 
 
+def test_only_stripe_api_imports_stripe() -> None:
+    """Within billing and the tests too, stripe-python stays behind billing/stripe_api.py."""
+    for path in sources("billing") + sources("tests"):
+        if path != ROOT / "billing" / "stripe_api.py":
+            assert not any(n.split(".")[0] == "stripe" for n in imports(path)), path
+
+
 def test_wire_modules_stay_light() -> None:
     heavy = {"litestar", "redis", "aiohttp", "uvicorn", "gateway.runtime", "gateway.dispatch"}
     for path in [ROOT / "gateway/openai/protocol.py", ROOT / "catalog/model.py"]:

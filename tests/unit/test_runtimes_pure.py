@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from gateway.runtimes.pairing import oauth_error, parse_form, polled_too_soon
 from gateway.runtimes.protocol import PersonalRuntime
+from gateway.runtimes.records import RuntimeRecord, runtime_status, validate_runtime_name
 from gateway.runtimes.routes import runtime_object
-from gateway.runtimes.store import RuntimeRecord, runtime_status, validate_runtime_name
 from gateway.runtimes.tokens import (
     RUNTIME_ID_RE,
     digest,
