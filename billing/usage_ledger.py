@@ -188,6 +188,7 @@ class UsageLedger:
         claim_idle_ms: int = 60_000,
         prune_interval_s: float = 300.0,
         prune_idle_ms: int = 3_600_000,
+        linger_s: float = 0.1,
     ) -> None:
         if not 1 <= batch <= 4000:  # XACK takes the ids through Lua's unpack (C stack)
             raise ValueError("batch must be between 1 and 4000")
@@ -196,6 +197,10 @@ class UsageLedger:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._batch = batch
         self._block_ms = block_ms
+        #: After a pass that applied something, wait this long so that the next pass takes
+        #: a batch: the ledger runs inside gateway processes, and a Redis round trip per
+        #: record would be CPU taken from requests (the totals may lag by this much).
+        self._linger_s = linger_s
         self._claim_idle_ms = claim_idle_ms
         self._prune_interval_s = prune_interval_s
         self._prune_idle_ms = prune_idle_ms
@@ -331,7 +336,8 @@ class UsageLedger:
         failures = 0
         while True:
             try:
-                await self.run_once(block_ms=self._block_ms)
+                if await self.run_once(block_ms=self._block_ms) and self._linger_s:
+                    await asyncio.sleep(self._linger_s)
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + self._prune_interval_s
                     await self.prune_consumers()

@@ -47,7 +47,7 @@ class Gateway:
         self.settings = settings
         self.redis = redis or aioredis.Redis.from_url(
             settings.redis_url,
-            max_connections=512,
+            max_connections=4096,
             health_check_interval=30,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,

@@ -73,7 +73,8 @@ class QueueConsumer:
 
     :meth:`start`/:meth:`stop` run the reader tasks (one per shard of held runtimes, one for
     the control stream, one periodic reclaim sweep); :meth:`run_once` does one non-blocking
-    pass of the same work for tests.
+    pass of the same work for tests. ``block_ms`` must stay below the Redis client's
+    ``socket_timeout``.
     """
 
     def __init__(
@@ -87,7 +88,6 @@ class QueueConsumer:
         reclaim_idle_ms: int = 1000,
         sweep_interval_s: float = 5.0,
     ) -> None:
-        # A blocking read must end before the client's socket timeout.
         self._redis = redis
         self._registry = registry
         self.process_id = registry.process_id

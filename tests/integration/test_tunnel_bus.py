@@ -297,6 +297,30 @@ async def test_with_deadline_wraps_any_handle() -> None:
     assert handle.cancelled
 
 
+async def test_deadline_passing_between_events() -> None:
+    handle = ScriptedHandle(iter([(0.0, Chunk(data=b"a")), (0.0, Finished(status=200))]))
+    wrapped = with_deadline(handle, now_ms() + 100)
+    assert await anext(wrapped) == Chunk(data=b"a")
+    await asyncio.sleep(0.2)  # a slow caller: the deadline passes while it is not waiting
+    event = await anext(wrapped)
+    assert isinstance(event, Failed) and event.status == 504
+    assert handle.cancelled
+    with pytest.raises(StopAsyncIteration):
+        await anext(wrapped)
+
+
+async def test_outside_cancellation_is_not_a_timeout() -> None:
+    handle = ScriptedHandle(iter([(5.0, Finished(status=200))]))
+    wrapped = with_deadline(handle, now_ms() + 10_000)
+    waiting = asyncio.create_task(anext(wrapped))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await wrapped.cancel()
+    assert handle.cancelled
+
+
 async def test_slow_reader_bounds_the_holder(procs: Callable[[], Awaitable[Proc]]) -> None:
     a, b = await procs(), await procs()
     size = 8 * 1024
