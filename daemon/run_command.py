@@ -23,6 +23,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -71,6 +72,18 @@ def backend_spec(args: argparse.Namespace, directory: Path) -> BackendSpec:
         raise ConfigError(f"backend configuration: {exc}") from exc
 
 
+def _without_gateway_ports(spec: BackendSpec, gateways: list[str]) -> BackendSpec:
+    """Never take one's own gateway for a local backend: drop the ports of loopback gateway
+    URLs from the ports ``auto`` probes (a gateway on 8080 would shadow llama.cpp's)."""
+    own = set()
+    for url in gateways:
+        parts = urlsplit(url)
+        if parts.hostname in ("127.0.0.1", "localhost", "::1") and parts.port:
+            own.add(parts.port)
+    ports = tuple(p for p in spec.detect_ports if p not in own)
+    return msgspec.structs.replace(spec, detect_ports=ports) if own else spec
+
+
 def _gateways(args: argparse.Namespace, paired: tuple[str, ...]) -> list[str]:
     if args.gateway:
         return list(args.gateway)
@@ -81,7 +94,8 @@ def _gateways(args: argparse.Namespace, paired: tuple[str, ...]) -> list[str]:
 async def _serve(args: argparse.Namespace) -> int:
     directory = Path(args.config_dir) if args.config_dir else config_dir()
     creds = load_credentials(directory)
-    spec = backend_spec(args, directory)
+    gateways = _gateways(args, creds.gateway_urls)
+    spec = _without_gateway_ports(backend_spec(args, directory), gateways)
     backend = await build_backends(spec)
     try:
         advert = await backend.describe()
@@ -91,7 +105,7 @@ async def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         runner = DaemonRunner(
-            _gateways(args, creds.gateway_urls),
+            gateways,
             creds.credential,
             backend,
             lambda base: DispatchVerifier(http_jwks_fetcher(jwks_url_for(base))),
@@ -114,6 +128,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     except (ConfigError, BackendError, ValueError) as exc:
         print(f"lattice daemon: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):  # a second signal: stop at once
+        return 130
 
 
 def add_run_command(daemon_sub: Any) -> None:

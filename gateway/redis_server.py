@@ -93,7 +93,9 @@ class RedisServer:
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # its own session: a Ctrl-C meant for `lattice up` must not kill Redis before the
+        # gateway has shut down (the parent stops it last)
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -42,7 +42,11 @@ class Child:
         env: Mapping[str, str] | None = None,
         quiet: bool = False,
         log_file: os.PathLike[str] | None = None,
+        new_session: bool = False,
     ) -> None:
+        """``new_session``: the child gets its own session, so a Ctrl-C in the terminal
+        (SIGINT to the whole foreground process group) reaches only the parent, which then
+        stops its children in order."""
         self.name = name
         full_env = {**os.environ, **(env or {})}
         out: int | IO[bytes] | None = subprocess.DEVNULL if quiet else None
@@ -50,7 +54,12 @@ class Child:
             out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
         self._log = out if log_file is not None else None
         self.proc = subprocess.Popen(
-            list(args), env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            list(args),
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=new_session,
         )
 
     @property
