@@ -40,7 +40,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from billing.spool_checkpoints import checkpoint_payload
+from billing.spool_checkpoints import CARRIED_OVER, checkpoint_payload
 from billing.spool_files import SpoolFile, create_own_file
 from billing.spool_format import encode_frame
 from billing.spool_orphans import OrphanAdopter
@@ -132,8 +132,10 @@ class SpoolOutbox:
         self._write(frame)
         self._open[record.dispatch_id] = frame
 
-    def _write(self, frame: bytes) -> None:
-        f = self._files[-1] if self._files else self._open_own()
+    def _write(self, frame: bytes, f: SpoolFile | None = None) -> None:
+        """Append ``frame`` to ``f`` (default: the file appended to, opened if need be)."""
+        if f is None:
+            f = self._files[-1] if self._files else self._open_own()
         try:
             written = os.write(f.fd, frame)
         except OSError as exc:
@@ -265,14 +267,27 @@ class SpoolOutbox:
         except OSError as exc:
             log.warning("usage spool rotation failed", extra={"error": repr(exc)})
             return
-        self._files[-1].final = True
+        old = self._files[-1]
+        old.final = True
         self._files.append(new)
         # The old file is deleted once shipped: carry the open streams' checkpoints over.
+        carried = True
         for frame in list(self._open.values()):
             try:
                 self._write(frame)
             except SpoolWriteError as exc:
+                carried = False
                 log.warning("could not carry a stream checkpoint over", extra={"error": repr(exc)})
+        if carried and self._open:
+            # Then say so in the old file (after, so that a crash in between bills a stream
+            # twice at worst, never not at all): should this process die before the old file
+            # is shipped, its adopter must not bill the stale checkpoints it holds.
+            try:
+                self._write(encode_frame(CARRIED_OVER), old)
+            except SpoolWriteError as exc:
+                log.warning(
+                    "could not mark stream checkpoints carried over", extra={"error": repr(exc)}
+                )
 
     async def adopt_orphans(self) -> int:
         """Ship and delete the spool files of dead processes (:mod:`billing.spool_orphans`);

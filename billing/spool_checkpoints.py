@@ -12,7 +12,10 @@ checkpoints to the usage stream. The final record of the dispatch supersedes the
 When a process dies, whoever adopts its spool file first asks :func:`unfinished` for the last
 checkpoint of every dispatch that has no final record in the file and appends those as final
 records. Checkpoints of streams still open when a file is rotated are written again at the
-start of the new file, so deleting a shipped file never loses one. If the adopter itself dies
+start of the new file, so deleting a shipped file never loses one; a :data:`CARRIED_OVER`
+frame then ends the old file, so that an adopter of both files (the process died before the
+old one was shipped: Redis was down, say) bills those streams once, from the newer
+checkpoint, not also from a stale one in the old file. If the adopter itself dies
 half-way, a record may be appended twice: consumers of the usage stream count a dispatch id
 once (the billing fold, the usage ledger and the earnings ledger are all idempotent per
 dispatch id).
@@ -24,11 +27,14 @@ import msgspec
 
 from billing.spool_format import scan_frames
 
-__all__ = ["CHECKPOINT", "checkpoint_payload", "is_checkpoint", "unfinished"]
+__all__ = ["CARRIED_OVER", "CHECKPOINT", "checkpoint_payload", "is_checkpoint", "unfinished"]
 
 #: First byte of a checkpoint payload. A record is a msgpack map (0x80-0x8f, 0xde, 0xdf), so a
 #: 0x00 byte (msgpack's integer 0) can never start one.
 CHECKPOINT = b"\x00"
+#: A checkpoint payload without a record: the checkpoints before it in this file were carried
+#: over to a newer file (rotation). A checkpoint all the same, so shippers skip it.
+CARRIED_OVER = CHECKPOINT
 
 
 class _DispatchId(msgspec.Struct):
@@ -49,7 +55,8 @@ def is_checkpoint(payload: bytes) -> bool:
 def unfinished(buf: bytes) -> list[bytes]:
     """The record payloads (without the checkpoint byte) of the last checkpoint of every
     dispatch in ``buf`` (a whole spool file) that has no final record after it, in order of
-    first appearance. Damaged frames are skipped."""
+    first appearance; none from before a :data:`CARRIED_OVER` frame. Damaged frames are
+    skipped."""
     pending: dict[str, bytes] = {}
     pos = 0
     while pos < len(buf):
@@ -57,6 +64,9 @@ def unfinished(buf: bytes) -> list[bytes]:
         if scan.consumed == 0:
             break
         for _, payload in scan.frames:
+            if payload == CARRIED_OVER:
+                pending.clear()
+                continue
             body = payload[1:] if is_checkpoint(payload) else payload
             try:
                 dispatch_id = _id_decoder.decode(body).dispatch_id

@@ -58,7 +58,9 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
-    root = logging.getLogger("lattice")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    # "lattice.*" is the gateway's; "billing.*" and "daemon.*" log under their module names.
+    for name in ("lattice", "billing", "daemon"):
+        root = logging.getLogger(name)
+        root.handlers[:] = [handler]
+        root.setLevel(level.upper())
+        root.propagate = False

@@ -152,11 +152,11 @@ async def bootstrap(
     *,
     sim_url: str | None,
     upstream: Catalog | None,
-    gateway_url: str,
+    gateway_url: str | None = None,
 ) -> dict[str, str]:
     """Catalog offerings for the upstream, the dev workspace, its keys and its personal
     runtime (reused from ``credentials.json`` in the data directory while they stay valid),
-    and the daemon's ``runtime.json`` naming ``gateway_url``.
+    and (given ``gateway_url``) the daemon's ``runtime.json`` naming it.
 
     Returns the credentials: ``api_key``, ``admin_key``, ``runtime_id``,
     ``runtime_credential``.
@@ -191,6 +191,8 @@ async def bootstrap(
             creds["admin_key"], _ = await apikeys.create_admin_key(name="lattice-up")
         await _ensure_runtime(client, creds)
         write_json_atomic(str(creds_path), creds)
+        if gateway_url is None:
+            return creds
         save_credentials(
             RuntimeCredentials(
                 gateway_urls=(gateway_url,),

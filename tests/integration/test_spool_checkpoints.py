@@ -8,14 +8,16 @@ import asyncio
 from pathlib import Path
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from billing.keys import USAGE_STREAM
 from billing.spool import SpoolOutbox
 from billing.spool_checkpoints import checkpoint_payload, unfinished
 from billing.spool_format import encode_frame
 from billing.usage import UsageRecord, decode_record, encode_record
-from tests.integration.test_usage_spool import die
+from tests.integration.test_usage_spool import BROKEN_URL, die
 from tests.usage_records import record
 
 
@@ -107,5 +109,35 @@ async def test_open_checkpoints_survive_rotation(aredis: aioredis.Redis, tmp_pat
         ids = [r.dispatch_id for r in await stream_records(aredis)]
         assert "dsp_1" in ids
         assert ids.count("dsp_1") == 1
+    finally:
+        await adopter.stop()
+
+
+async def test_a_dead_process_rotated_file_bills_no_stale_checkpoint(
+    aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Rotation during a Redis outage leaves the old file with an older checkpoint: the
+    carried-over marker keeps the adopter from billing it (only the newest counts)."""
+    broken = aioredis.Redis.from_url(BROKEN_URL, socket_connect_timeout=0.2)
+    dead = SpoolOutbox(tmp_path, broken, offset_save_s=0, rotate_bytes=2_000)
+    dead.checkpoint(progress(1, 1))
+    for i in range(100, 130):
+        await dead.append(record(i))
+    with pytest.raises((RedisError, OSError)):
+        await dead.ship_once()  # rotates, then cannot ship: both files stay
+    dead.checkpoint(progress(1, 7))
+    die(dead)
+    await broken.aclose()
+    adopter = SpoolOutbox(tmp_path, aredis, offset_save_s=0)
+    await adopter.start()
+    try:
+        await adopter.adopt_orphans()
+        await adopter.ship_once()
+        got = [
+            r.units["completion_tokens"]
+            for r in await stream_records(aredis)
+            if r.dispatch_id == "dsp_1"
+        ]
+        assert got == [7]
     finally:
         await adopter.stop()
