@@ -290,6 +290,10 @@ async def test_a_worker_killed_between_read_fold_and_settle_loses_nothing(
     await ledger.ensure_group()
     # a worker read a batch and died before folding it
     assert len(await ledger.read("dead-reader", 100, None)) == 100
+    # ... long enough ago (dead_consumer_ms) for the next worker to reclaim its batch first:
+    # otherwise the batch is folded only at the later step, and the windows it lands in are
+    # not due yet, so that step would send nothing
+    await asyncio.sleep(0.1)
     # another folded everything else, sealed the windows, and died while Stripe answered
     victim = BillingWorker(aredis, stripe, config=CONFIG, clock=clock)
     while (await victim.run_once()).read:
