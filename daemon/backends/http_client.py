@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Iterator
+from typing import Any
 
 import aiohttp
 
@@ -54,8 +55,26 @@ class HttpTimeouts:
 def new_session(concurrency: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     """A session whose pool keeps up to ``concurrency`` connections to the local server (call
     it inside the running loop)."""
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    # Idle connections are dropped after 4 s: uvicorn-based servers (vLLM, the simulator)
+    # close theirs after 5 s, and reusing one they just closed fails the dispatch.
+    connector = aiohttp.TCPConnector(
+        limit=concurrency, limit_per_host=concurrency, keepalive_timeout=4.0
+    )
     return aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=True)
+
+
+#: A pooled connection the server had closed: nothing was sent on it, so one retry is safe.
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+async def _send(
+    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> aiohttp.ClientResponse:
+    """The response (headers read) to one request, retried once on a stale connection."""
+    try:
+        return await session.request(method, url, **kwargs)
+    except _STALE:
+        return await session.request(method, url, **kwargs)
 
 
 @contextlib.contextmanager
@@ -112,9 +131,10 @@ async def _json_request(
     headers: dict[str, str],
 ) -> BackendReply:
     with _transport_errors(url, "could not be reached"):
-        async with session.request(
-            method, url, data=body, headers=headers, timeout=timeouts.call()
-        ) as resp:
+        resp = await _send(
+            session, method, url, data=body, headers=headers, timeout=timeouts.call()
+        )
+        async with resp:
             data = await resp.read()
     if resp.status >= 300:
         raise reply_error(url, resp.status, data)
@@ -137,7 +157,9 @@ async def stream_sse(
     """
     parser = SseParser()
     with _transport_errors(url, "stopped streaming"):
-        async with session.post(
+        resp = await _send(
+            session,
+            "POST",
             url,
             data=body,
             headers={
@@ -146,7 +168,8 @@ async def stream_sse(
                 **(headers or {}),
             },
             timeout=timeouts.stream(),
-        ) as resp:
+        )
+        async with resp:
             if resp.status >= 300:
                 raise reply_error(url, resp.status, await resp.read())
             if resp.content_type != "text/event-stream":

@@ -40,6 +40,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=30,
+        # the tunnel has its own heartbeats (daemon/tunnel): no second ping per WebSocket
+        ws_ping_interval=None,
     )
     return 0
 

@@ -31,14 +31,23 @@ class RuntimeDirectory:
         *,
         ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        local: Callable[[str], RuntimeRecord | None] | None = None,
     ) -> None:
         self._store = store
+        self._local = local
         self._catalog = catalog
         self._ttl = ttl_s
         self._clock = clock
         self._online: dict[str, tuple[float, tuple[RuntimeRecord, ...]]] = {}
 
     async def find(self, workspace: str, runtime_id: str) -> RuntimeRecord | None:
+        # A runtime whose tunnel this process holds for this very workspace is known without
+        # a Redis read (the local fast path). Any other id - foreign, unknown, held elsewhere -
+        # takes the one read, so a foreign id still costs what an unknown one costs.
+        if self._local is not None:
+            held = self._local(runtime_id)
+            if held is not None and held.workspace == workspace:
+                return held
         record = await self._store.get(workspace, runtime_id)
         if record is None or record.revoked_ms is not None:
             return None

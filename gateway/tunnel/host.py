@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any, cast
 
+import msgspec
 import redis.asyncio as aioredis
 from litestar.types import Receive, Scope, Send
 
@@ -72,7 +73,7 @@ class TunnelHost:
         def current() -> Catalog:
             return catalog.current  # type: ignore[no-any-return]
 
-        self.directory = RuntimeDirectory(runtimes, current)
+        self.directory = RuntimeDirectory(runtimes, current, local=self._held_runtime)
         self.caller = RuntimeCaller(self._open, self.signer, settings.runtime_timeout_s)
         self._sessions: set[GatewayTunnelSession] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,6 +107,22 @@ class TunnelHost:
         await self.dispatcher.aclose()  # lets queued reply-stream deletions finish
 
     # -- the dispatch side ------------------------------------------------------------------
+
+    def _held_runtime(self, runtime_id: str) -> RuntimeRecord | None:
+        """The record of a runtime whose tunnel this process holds and which takes work, with
+        what its daemon advertised in its hello; ``None`` otherwise."""
+        session = self.registry.local(runtime_id)
+        if not isinstance(session, GatewayTunnelSession) or not session.accepting:
+            return None
+        runtime, hello = session.runtime, session.hello
+        if not isinstance(runtime, RuntimeRecord) or hello is None:
+            return None
+        return msgspec.structs.replace(
+            runtime,
+            models=tuple(hello.models),
+            task_classes=tuple(hello.task_classes),
+            default_model=hello.default_model,
+        )
 
     async def _open(self, request: DispatchRequest) -> DispatchHandle:
         try:
