@@ -144,6 +144,10 @@ class Planner:
         self._workspaces = workspaces
         self._runtimes = runtimes
         self._drop_default = drop_params_default
+        #: Resolutions of the current catalog version (pure in their inputs, and catalogs are
+        #: immutable): resolving sorts offerings by exact price, too much for every request.
+        self._resolved: dict[tuple[str | None, str, str | None], Resolved] = {}
+        self._resolved_version = -1
 
     async def plan(self, task_name: str, body: dict[str, Any], principal: Principal) -> Plan:
         if not principal.has(Scope.INFERENCE):
@@ -163,7 +167,7 @@ class Planner:
         if requested is not None and requested.startswith(PERSONAL_PREFIX):
             resolved, targets = await self._personal(cat, task, requested, principal)
         else:
-            resolved = self._resolve(cat, task, codec, requested, workspace)
+            resolved = self._resolve_cached(cat, task, codec, requested, workspace)
             targets = await self._canonical(resolved, task, principal)
         stream = body.get("stream") is True
         if stream and not (codec.can_stream if codec else task.streams):
@@ -203,6 +207,23 @@ class Planner:
                 )
         elif task.codec is not None:
             raise NoCapacity(f"No capacity serves the task class '{task.name}' yet.")
+
+    def _resolve_cached(
+        self,
+        cat: Catalog,
+        task: TaskClass,
+        codec: BuiltinCodec | None,
+        requested: str | None,
+        workspace: Any,
+    ) -> Resolved:
+        if cat.version != self._resolved_version or len(self._resolved) > 4096:
+            self._resolved.clear()
+            self._resolved_version = cat.version
+        key = (requested, task.name, getattr(workspace, "default_model", None))
+        found = self._resolved.get(key)
+        if found is None:  # errors are not cached: they raise every time
+            found = self._resolved[key] = self._resolve(cat, task, codec, requested, workspace)
+        return found
 
     @staticmethod
     def _resolve(
