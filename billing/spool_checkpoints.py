@@ -44,6 +44,11 @@ class _DispatchId(msgspec.Struct):
 _id_decoder = msgspec.msgpack.Decoder(_DispatchId)
 
 
+def dispatch_id_of(record_payload: bytes) -> str:
+    """The dispatch id of a msgpack usage record; ``msgspec.DecodeError`` if it is none."""
+    return _id_decoder.decode(record_payload).dispatch_id
+
+
 def checkpoint_payload(record_payload: bytes) -> bytes:
     return CHECKPOINT + record_payload
 
@@ -69,7 +74,7 @@ def unfinished(buf: bytes) -> list[bytes]:
                 continue
             body = payload[1:] if is_checkpoint(payload) else payload
             try:
-                dispatch_id = _id_decoder.decode(body).dispatch_id
+                dispatch_id = dispatch_id_of(body)
             except msgspec.DecodeError:
                 continue
             if is_checkpoint(payload):

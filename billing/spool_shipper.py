@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from billing.keys import USAGE_SPOOL_OFFSET_TTL_S, USAGE_STREAM
-from billing.spool_checkpoints import is_checkpoint
+from billing.spool_checkpoints import dispatch_id_of, is_checkpoint
 from billing.spool_files import SpoolFile, delete_file, write_offset
 from billing.spool_format import MAX_FRAME, Scan, frame_end, scan_frames, span_at
 
@@ -47,13 +47,6 @@ log = logging.getLogger("billing.spool")
 
 _SHIP_LUA = importlib.resources.files("billing").joinpath("usage_ship.lua").read_text()
 _READ_BYTES = 256 * 1024
-
-
-class _DispatchId(msgspec.Struct):
-    dispatch_id: str
-
-
-_id_decoder = msgspec.msgpack.Decoder(_DispatchId)
 
 
 class SpoolCounters(Protocol):
@@ -146,7 +139,7 @@ class SpoolShipper:
                 if is_checkpoint(payload):
                     continue  # superseded by the final record, or billed by an adopter
                 try:
-                    _id_decoder.decode(payload)
+                    dispatch_id_of(payload)
                 except msgspec.DecodeError:
                     bad.append((at, payload))
                     continue

@@ -8,23 +8,15 @@ bootstrap token) and stores the credential in the config directory (``daemon/con
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.config import ConfigError, config_dir, load_credentials
+from daemon.config import ConfigError, config_dir, gateway_urls, load_credentials
 from daemon.pairing import PairingError, pair
 from daemon.run_command import add_run_command
 
 __all__ = ["add_daemon_commands", "run_pair"]
-
-
-def _gateways(args: argparse.Namespace) -> list[str]:
-    if args.gateway:
-        return list(args.gateway)
-    env = os.environ.get("LATTICE_GATEWAY_URL", "")
-    return [url for url in (part.strip() for part in env.split(",")) if url]
 
 
 def run_pair(args: argparse.Namespace) -> int:
@@ -34,7 +26,9 @@ def run_pair(args: argparse.Namespace) -> int:
     except ConfigError:
         previous = None
     try:
-        creds, path = pair(_gateways(args), name=args.name, token=args.token, directory=directory)
+        creds, path = pair(
+            gateway_urls(args.gateway), name=args.name, token=args.token, directory=directory
+        )
     except PairingError as exc:
         print(f"lattice: {exc}", file=sys.stderr)
         return 1

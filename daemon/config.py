@@ -27,6 +27,7 @@ __all__ = [
     "RuntimeCredentials",
     "config_dir",
     "credentials_path",
+    "gateway_urls",
     "load_credentials",
     "save_credentials",
 ]
@@ -113,3 +114,14 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def gateway_urls(
+    flags: list[str] | None, paired: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The gateways to use: ``--gateway`` flags, else ``$LATTICE_GATEWAY_URL``
+    (comma-separated), else those stored at pairing."""
+    if flags:
+        return list(flags)
+    raw = (os.environ if env is None else env).get("LATTICE_GATEWAY_URL", "")
+    return [u for u in (part.strip() for part in raw.split(",")) if u] or list(paired)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -29,7 +28,7 @@ import msgspec
 
 from daemon.backends import BackendSpec, build_backends
 from daemon.backends.errors import BackendError
-from daemon.config import ConfigError, config_dir, load_credentials
+from daemon.config import ConfigError, config_dir, gateway_urls, load_credentials
 from daemon.runner import DaemonRunner, RunnerStopped
 from daemon.tokens import DispatchVerifier, http_jwks_fetcher, jwks_url_for
 
@@ -84,17 +83,10 @@ def _without_gateway_ports(spec: BackendSpec, gateways: list[str]) -> BackendSpe
     return msgspec.structs.replace(spec, detect_ports=ports) if own else spec
 
 
-def _gateways(args: argparse.Namespace, paired: tuple[str, ...]) -> list[str]:
-    if args.gateway:
-        return list(args.gateway)
-    env = os.environ.get("LATTICE_GATEWAY_URL", "")
-    return [u for u in (p.strip() for p in env.split(",")) if u] or list(paired)
-
-
 async def _serve(args: argparse.Namespace) -> int:
     directory = Path(args.config_dir) if args.config_dir else config_dir()
     creds = load_credentials(directory)
-    gateways = _gateways(args, creds.gateway_urls)
+    gateways = gateway_urls(args.gateway, creds.gateway_urls)
     spec = _without_gateway_ports(backend_spec(args, directory), gateways)
     backend = await build_backends(spec)
     try:

@@ -29,17 +29,15 @@ from catalog.model import Catalog
 from daemon.tunnel.frames import CloseCode, Hello
 from gateway import keys
 from gateway.dispatch.runtime_target import RuntimeCaller
-from gateway.errors import RelayUnavailable
 from gateway.runtimes.records import RuntimeRecord
 from gateway.runtimes.store import RUNTIME_REVOKED_EVENT, RuntimeStore
 from gateway.settings import Settings
 from gateway.tunnel.bus import QueueConsumer
 from gateway.tunnel.directory import PRESENCE_EVENT, RuntimeDirectory
 from gateway.tunnel.registry import TunnelRegistry
-from gateway.tunnel.remote import RuntimeDispatcher, RuntimeUnavailable
+from gateway.tunnel.remote import RuntimeDispatcher
 from gateway.tunnel.session import GatewayTunnelSession, serve_tunnel
 from gateway.tunnel.tokens import DispatchSigner
-from gateway.tunnel.types import DispatchHandle, DispatchRequest
 
 __all__ = ["TUNNEL_PATH", "TunnelHost"]
 
@@ -74,7 +72,7 @@ class TunnelHost:
             return catalog.current  # type: ignore[no-any-return]
 
         self.directory = RuntimeDirectory(runtimes, current, local=self._held_runtime)
-        self.caller = RuntimeCaller(self._open, self.signer, settings.runtime_timeout_s)
+        self.caller = RuntimeCaller(self.dispatcher.open, self.signer, settings.runtime_timeout_s)
         self._sessions: set[GatewayTunnelSession] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -123,14 +121,6 @@ class TunnelHost:
             task_classes=tuple(hello.task_classes),
             default_model=hello.default_model,
         )
-
-    async def _open(self, request: DispatchRequest) -> DispatchHandle:
-        try:
-            return await self.dispatcher.open(request)
-        except RuntimeUnavailable:
-            raise RelayUnavailable(
-                f"The personal runtime '{request.runtime_id}' is not connected right now."
-            ) from None
 
     # -- the tunnel side --------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from gateway import keys
-from gateway.errors import ServiceUnavailable
+from gateway.errors import RelayUnavailable
 from gateway.tunnel.bus_protocol import (
     DEFAULT_WINDOW_BYTES,
     CancelDispatch,
@@ -93,10 +93,8 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RuntimeUnavailable(ServiceUnavailable):
+class RuntimeUnavailable(RelayUnavailable):
     """No gateway process holds the runtime's tunnel (503, at once, not at a timeout)."""
-
-    code = "personal_lattice_relay_unavailable"
 
 
 class DeadlineHandle:
@@ -367,7 +365,9 @@ class RuntimeDispatcher:
         if holder is None or holder == self.process_id:
             # The script answered the first read with a marker, so it ends at once.
             self.spawn(handle.delete_reply())
-            raise RuntimeUnavailable("The personal runtime is not connected.")
+            raise RuntimeUnavailable(
+                f"The personal runtime '{request.runtime_id}' is not connected right now."
+            )
         handle.holder = holder
         return with_deadline(handle, request.deadline_ms)
 
