@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from billing.ledger import Ledger, Settlement
-from billing.stripe_api import (
+from billing.stripe_types import (
     MeterEvent,
     MeterEventResult,
     StripeApi,

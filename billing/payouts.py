@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 
 from billing.earnings import DayLine, EarningsLedger, utc_day
 from billing.keys import PAYOUT_ACCOUNTS, payout_log, payout_state
-from billing.stripe_api import StripeApi, StripeError, StripePermanent, StripeRetryable, Transfer
+from billing.stripe_types import StripeApi, StripeError, StripePermanent, StripeRetryable, Transfer
 
 __all__ = [
     "PICO_PER_CENT",

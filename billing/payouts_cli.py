@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from billing.earnings import EarningsConsumer, StepResult
 from billing.payouts import PayoutError, PayoutOutcome, PayoutService, Statement
-from billing.stripe_api import StripeApi, StripeError
+from billing.stripe_types import StripeApi, StripeError
 
 __all__ = ["add_payout_commands", "format_cents", "format_picousd"]
 

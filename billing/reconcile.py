@@ -29,7 +29,7 @@ import msgspec
 
 from billing import keys
 from billing.ledger import Ledger, decode_billed
-from billing.stripe_api import StripeApi, StripePermanent
+from billing.stripe_types import StripeApi, StripePermanent
 from billing.windows import (
     COST_METER,
     Segment,

@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 
 from billing.closer import WindowCloser
 from billing.ledger import FoldResult, Ledger, StreamEntry
-from billing.stripe_api import StripeApi
+from billing.stripe_types import StripeApi
 from billing.windows import retry_delay
 
 __all__ = ["BillingWorker", "StepReport", "WorkerConfig", "consumer_name"]
