@@ -102,6 +102,7 @@ class TunnelHost:
             with contextlib.suppress(Exception):
                 await session.close("gateway shutting down")
         await self.registry.stop()
+        await self.directory.aclose()
         await self.dispatcher.aclose()  # lets queued reply-stream deletions finish
 
     # -- the dispatch side ------------------------------------------------------------------
