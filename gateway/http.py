@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -26,7 +25,8 @@ from gateway.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from gateway.logs import request_id_var
+from gateway.ids import new_hex_id
+from gateway.logs import AccessLog, request_id_var
 from gateway.metrics import Metrics
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("lattice.http")
-#: One line per request (method, path, status, duration; never bodies or credentials).
-access = logging.getLogger("lattice.access")
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -180,7 +178,9 @@ _KNOWN = frozenset(
 
 def request_context_middleware(metrics: Metrics) -> Any:
     """ASGI middleware: request id (incoming ``x-request-id`` if sane, else a new one) on
-    every response and in every log record; request counts, latency and in-flight."""
+    every response and in every log record; request counts, latency and in-flight; the
+    access log line."""
+    access = AccessLog()
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -194,13 +194,13 @@ def request_context_middleware(metrics: Metrics) -> Any:
                     if _REQUEST_ID_RE.match(candidate):
                         rid = candidate
                     break
-            rid = rid or "req_" + uuid.uuid4().hex
+            rid = rid or "req_" + new_hex_id()
             scope.setdefault("state", {})["request_id"] = rid
             token = request_id_var.set(rid)
             header = (b"x-request-id", rid.encode())
             status = 500
             start = time.perf_counter()
-            metrics.in_flight.inc()
+            metrics.in_flight += 1
 
             async def send_wrapper(message: Message) -> None:
                 nonlocal status
@@ -213,20 +213,10 @@ def request_context_middleware(metrics: Metrics) -> Any:
                 await app(scope, receive, send_wrapper)
             finally:
                 elapsed = time.perf_counter() - start
-                metrics.in_flight.dec()
-                label = _route_label(scope["path"])
-                metrics.requests.labels(label, str(status)).inc()
-                metrics.latency.labels(label).observe(elapsed)
-                if access.isEnabledFor(logging.INFO):
-                    access.info(
-                        "request",
-                        extra={
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 3),
-                        },
-                    )
+                metrics.in_flight -= 1
+                path = scope["path"]
+                metrics.observe_request(_route_label(path), status, elapsed)
+                access.record(scope["method"], path, status, round(elapsed * 1000, 3), rid)
                 request_id_var.reset(token)
 
         return middleware

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -41,9 +43,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.in_flight = Gauge(
+        #: requests being served (plain integer on the request path; read when scraped)
+        self.in_flight = 0
+        Gauge(
             "lattice_requests_in_flight", "Requests being served.", registry=self.registry
-        )
+        ).set_function(lambda: self.in_flight)
         self.upstream_errors = Counter(
             "lattice_upstream_errors_total",
             "Failed calls to upstreams by offering and error code.",
@@ -56,6 +60,19 @@ class Metrics:
             ["task", "status"],
             registry=self.registry,
         )
+
+        # labelled children, looked up once: ``labels()`` costs more than the increment
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """Count one finished request on ``route`` (a bounded label) and its duration."""
+        key = (route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, str(status)), self.latency.labels(route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,6 @@ The targets of a plan, best first:
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -37,6 +36,7 @@ from gateway.errors import (
     RuntimeNotFound,
     TaskNotFound,
 )
+from gateway.ids import new_hex_id
 
 __all__ = [
     "PERSONAL_PREFIX",
@@ -186,7 +186,7 @@ class Planner:
             drop=resolve_drop_params(
                 body, getattr(workspace, "drop_params", None), self._drop_default
             ),
-            dispatch_id="dsp_" + uuid.uuid4().hex,
+            dispatch_id="dsp_" + new_hex_id(),
             started_ms=_now_ms(),
             tags=_tags(body),
             targets=targets,
