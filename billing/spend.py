@@ -165,6 +165,13 @@ class SpendGuard:
 
     # -- the request path ------------------------------------------------------------------
 
+    def known_unlimited(self, workspace: str) -> bool:
+        """Whether ``workspace`` was seen with neither limit nor credit within the cache TTL:
+        :meth:`admit` would return ``False`` without a round trip (callers skip computing
+        the estimate)."""
+        seen = self._unlimited.get(workspace)
+        return seen is not None and self._clock() - seen < self._ttl
+
     async def admit(
         self,
         workspace: str,

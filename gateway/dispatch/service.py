@@ -178,7 +178,7 @@ class DispatchService:
     async def _admit(self, call: TaskCall, plan: Plan) -> None:
         """Reserve the request's estimated cost against its workspace's spend limit and
         credit (billing.spend): 429 insufficient_quota before any upstream work."""
-        if self._spend is None:
+        if self._spend is None or self._spend.known_unlimited(call.principal.workspace):
             return
         model = plan.resolved.model
         estimate = max_estimate_picousd(

@@ -30,7 +30,9 @@ def test_month_of_is_the_utc_calendar_month() -> None:
 
 
 async def test_unlimited_workspace_costs_no_round_trip_once_known(guard: SpendGuard) -> None:
+    assert not guard.known_unlimited("free")
     assert await guard.admit("free", reservation_id="d1", estimate_picousd=5, now_ms=JAN) is False
+    assert guard.known_unlimited("free")  # the dispatch skips even computing its estimate
     for i in range(100):
         assert not await guard.admit("free", reservation_id=f"d{i}", estimate_picousd=5)
     assert guard.round_trips == 1
@@ -40,6 +42,7 @@ async def test_unlimited_workspace_costs_no_round_trip_once_known(guard: SpendGu
         await guard.admit("free", reservation_id="dx", estimate_picousd=2 * PICO, now_ms=JAN)
     assert err.value.reason == "monthly_limit"
     assert guard.round_trips == 2
+    assert not guard.known_unlimited("free")
 
 
 async def test_cached_fact_expires_and_invalidation_wins_over_an_old_answer(
