@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, Response, get
 from litestar.handlers import BaseRouteHandler
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin.routes import admin_routes
 from gateway.admin.spend_routes import spend_admin_routes
+from gateway.front.serve import FrontDoor
 from gateway.http import exception_to_response, json_response, request_context_middleware
 from gateway.logs import configure_logging
 from gateway.openai.dispatch_app import dispatch_app
@@ -23,7 +24,19 @@ from gateway.settings import Settings, settings_from_env
 from gateway.tunnel.routes import tunnel_routes
 from gateway.usage_routes import usage_routes
 
-__all__ = ["create_app", "create_app_from_env"]
+__all__ = ["LatticeApp", "create_app", "create_app_from_env"]
+
+
+class LatticeApp:
+    """The gateway's ASGI app, carrying the dispatch routes' front door
+    (:mod:`gateway.front`) for the server protocol that can use it."""
+
+    def __init__(self, asgi: ASGIApp, front: FrontDoor) -> None:
+        self._asgi = asgi
+        self.lattice_front = front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._asgi(scope, receive, send)
 
 
 def _health_routes(gw: Gateway) -> list[BaseRouteHandler]:
@@ -45,10 +58,13 @@ def _health_routes(gw: Gateway) -> list[BaseRouteHandler]:
     return [healthz, readyz, metrics]
 
 
-def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp:
+def create_app(settings: Settings, *, gateway: Gateway | None = None) -> LatticeApp:
     """The gateway as an ASGI app: the request-context middleware (request id, metrics,
     access log — around everything, so even a 404 carries its ``x-request-id``), then the
-    dispatch routes (:mod:`gateway.openai.dispatch_app`), then Litestar for the rest."""
+    dispatch routes (:mod:`gateway.openai.dispatch_app`), then Litestar for the rest. Under
+    ``lattice serve`` the dispatch routes are served by the front door (:mod:`gateway.front`)
+    before ASGI; the same routes stay here for any other server and for what the front
+    door passes on."""
     gw = gateway or Gateway(settings)
 
     @asynccontextmanager
@@ -78,10 +94,10 @@ def create_app(settings: Settings, *, gateway: Gateway | None = None) -> ASGIApp
     )
     app.state.gateway = gw
     dispatch = dispatch_app(gw)(app)
-    return request_context_middleware(gw.metrics)(dispatch)  # type: ignore[no-any-return]
+    return LatticeApp(request_context_middleware(gw.metrics)(dispatch), FrontDoor(gw))
 
 
-def create_app_from_env() -> ASGIApp:
+def create_app_from_env() -> LatticeApp:
     settings = settings_from_env()
     configure_logging(settings.log_level, settings.log_json)
     return create_app(settings)

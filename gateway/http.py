@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -39,6 +40,8 @@ __all__ = [
     "json_response",
     "read_json_object",
     "request_context_middleware",
+    "request_id_of",
+    "route_label",
 ]
 
 log = logging.getLogger("lattice.http")
@@ -150,7 +153,8 @@ async def read_json_object(
     return raw, decode_json_object(raw)
 
 
-def _route_label(path: str) -> str:
+def route_label(path: str) -> str:
+    """``path`` as a bounded metrics label."""
     if path.startswith("/v1/tasks/"):
         return "/v1/tasks/{task}"
     if path.startswith("/v1/models/"):
@@ -176,6 +180,17 @@ _KNOWN = frozenset(
 )
 
 
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The caller's ``x-request-id`` if it is a sane one, else a new ``req_…`` id."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID_RE.match(candidate):
+                return candidate
+            break
+    return "req_" + new_hex_id()
+
+
 def request_context_middleware(metrics: Metrics) -> Any:
     """ASGI middleware: request id (incoming ``x-request-id`` if sane, else a new one) on
     every response and in every log record; request counts, latency and in-flight; the
@@ -187,14 +202,7 @@ def request_context_middleware(metrics: Metrics) -> Any:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
-            rid = None
-            for name, value in scope["headers"]:
-                if name == b"x-request-id":
-                    candidate = value.decode("latin-1")
-                    if _REQUEST_ID_RE.match(candidate):
-                        rid = candidate
-                    break
-            rid = rid or "req_" + new_hex_id()
+            rid = request_id_of(scope["headers"])
             scope.setdefault("state", {})["request_id"] = rid
             token = request_id_var.set(rid)
             header = (b"x-request-id", rid.encode())
@@ -215,7 +223,7 @@ def request_context_middleware(metrics: Metrics) -> Any:
                 elapsed = time.perf_counter() - start
                 metrics.in_flight -= 1
                 path = scope["path"]
-                metrics.observe_request(_route_label(path), status, elapsed)
+                metrics.observe_request(route_label(path), status, elapsed)
                 access.record(scope["method"], path, status, round(elapsed * 1000, 3), rid)
                 request_id_var.reset(token)
 

@@ -21,8 +21,11 @@ __all__ = ["main"]
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run gateway worker processes under uvicorn (uvloop + httptools)."""
+    """Run gateway worker processes under uvicorn (uvloop + httptools; with ``--http
+    lattice``, the default, the dispatch routes skip ASGI: gateway/front)."""
     import uvicorn
+
+    from gateway.front.protocol import LatticeHttpProtocol
 
     os.environ["LATTICE_HOST"] = args.host
     os.environ["LATTICE_PORT"] = str(args.port)
@@ -35,7 +38,7 @@ def run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http=LatticeHttpProtocol if args.http == "lattice" else "httptools",
         access_log=False,
         log_level="warning",
         lifespan="on",
@@ -72,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=os.environ.get("LATTICE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("LATTICE_PORT", "8080")))
     p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--http",
+        choices=("lattice", "httptools"),
+        default=os.environ.get("LATTICE_HTTP", "lattice"),
+        help="HTTP protocol: 'lattice' serves the dispatch routes without ASGI (default); "
+        "'httptools' is plain uvicorn (everything through ASGI)",
+    )
     p.add_argument("--redis-url", help="default: $LATTICE_REDIS_URL")
     p.set_defaults(func=run_serve)
 

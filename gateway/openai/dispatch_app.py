@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 
-from gateway.dispatch.service import JsonOutcome, TaskCall
+from gateway.dispatch.service import JsonOutcome, StreamOutcome, TaskCall
 from gateway.errors import MethodNotAllowed, PayloadTooLarge
 from gateway.http import as_lattice_error, check_json_headers, decode_json_object, error_body
 from gateway.runtime import Gateway
 from gateway.tunnel.host import TUNNEL_PATH
 
-__all__ = ["ALIAS_PATHS", "dispatch_app"]
+__all__ = ["ALIAS_PATHS", "call_dispatch", "decode_headers", "dispatch_app", "task_for"]
 
 #: The built-in aliases of the generic dispatch path.
 ALIAS_PATHS = {
@@ -46,21 +46,51 @@ class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+def task_for(gw: Gateway, path: str) -> str | None:
+    """The task class a dispatch route serves, or ``None`` for any other path."""
+    task = ALIAS_PATHS.get(path)
+    if task is not None:
+        return task
+    if path.startswith(_TASKS_PREFIX):
+        name = path[len(_TASKS_PREFIX) :]
+        return name if name and "/" not in name else None
+    if path.startswith("/v1/"):
+        for task_class in gw.catalog.current.task_classes.values():
+            if task_class.alias_path == path:
+                return task_class.name
+    return None
+
+
+def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in raw}
+
+
+async def call_dispatch(
+    gw: Gateway,
+    task: str,
+    headers: dict[str, str],
+    read_body: Callable[[int], Awaitable[bytes]],
+    request_id: str,
+) -> JsonOutcome | StreamOutcome:
+    """Authenticate, check and read the body, dispatch: what every server in front of the
+    dispatch routes calls (this module's ASGI app, :mod:`gateway.front`)."""
+    principal = await gw.authenticator.authenticate_headers(headers)
+    limit = gw.settings.max_body_bytes
+    check_json_headers(headers.get("content-type"), headers.get("content-length"), limit)
+    raw = await read_body(limit)
+    call = TaskCall(
+        task=task,
+        raw=raw,
+        body=decode_json_object(raw),
+        principal=principal,
+        request_id=request_id,
+        idempotency_key=headers.get("idempotency-key"),
+    )
+    return await gw.service.dispatch(call)
+
+
 def dispatch_app(gw: Gateway) -> Callable[[ASGIApp], ASGIApp]:
     """Middleware factory: serve the dispatch routes, pass everything else to ``app``."""
-
-    def task_for(path: str) -> str | None:
-        task = ALIAS_PATHS.get(path)
-        if task is not None:
-            return task
-        if path.startswith(_TASKS_PREFIX):
-            name = path[len(_TASKS_PREFIX) :]
-            return name if name and "/" not in name else None
-        if path.startswith("/v1/"):
-            for task_class in gw.catalog.current.task_classes.values():
-                if task_class.alias_path == path:
-                    return task_class.name
-        return None
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,7 +98,7 @@ def dispatch_app(gw: Gateway) -> Callable[[ASGIApp], ASGIApp]:
                 await gw.tunnels.serve(scope, receive, send)
                 return
             if scope["type"] == ScopeType.HTTP:
-                task = task_for(scope["path"])
+                task = task_for(gw, scope["path"])
                 if task is not None:
                     await _serve(gw, task, scope, receive, send)
                     return
@@ -84,22 +114,13 @@ async def _serve(gw: Gateway, task: str, scope: HTTPScope, receive: Receive, sen
     try:
         if method != "POST":
             raise MethodNotAllowed(f"Method {method} is not allowed on {scope['path']}.")
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-        }
-        principal = await gw.authenticator.authenticate_headers(headers)
-        limit = gw.settings.max_body_bytes
-        check_json_headers(headers.get("content-type"), headers.get("content-length"), limit)
-        raw = await _read_body(receive, limit)
-        call = TaskCall(
-            task=task,
-            raw=raw,
-            body=decode_json_object(raw),
-            principal=principal,
-            request_id=str(scope.get("state", {}).get("request_id", "")),
-            idempotency_key=headers.get("idempotency-key"),
+        outcome = await call_dispatch(
+            gw,
+            task,
+            decode_headers(scope["headers"]),
+            lambda limit: _read_body(receive, limit),
+            str(scope.get("state", {}).get("request_id", "")),
         )
-        outcome = await gw.service.dispatch(call)
     except _ClientGone:
         return
     except Exception as exc:

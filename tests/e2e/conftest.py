@@ -218,7 +218,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for i in range(2):
             port = free_port()
             log_files.append(data / f"gateway-{i}.log")
-            child = start_gateway(port, env, log_files[-1])
+            # the first gateway serves the dispatch routes through the front door (the
+            # default); the second through plain uvicorn and ASGI, so both paths are tested
+            child_env = env if i == 0 else {**env, "LATTICE_HTTP": "httptools"}
+            child = start_gateway(port, child_env, log_files[-1])
             children.append(child)
             gateway_children.append(child)
             gateways.append(f"http://127.0.0.1:{port}")

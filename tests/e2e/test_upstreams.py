@@ -159,11 +159,11 @@ def test_workspace_drop_params_policy(scripted: Stack) -> None:
     assert_envelope(resp, 400, "unsupported_parameter")
 
 
-def slow_stream(stack: Stack) -> AbstractContextManager[httpx.Response]:
+def slow_stream(stack: Stack, gateway: int = 0) -> AbstractContextManager[httpx.Response]:
     """A streamed chat on the upstream that sends one chunk every 50 ms."""
     return httpx.stream(
         "POST",
-        stack.base_url + "/chat/completions",
+        stack.gateways[gateway] + "/v1/chat/completions",
         json={
             "model": model("slow-stream"),
             "messages": [{"role": "user", "content": "x"}],
@@ -173,9 +173,10 @@ def slow_stream(stack: Stack) -> AbstractContextManager[httpx.Response]:
     )
 
 
-def test_client_disconnect_cancels_upstream(scripted: Stack) -> None:
+@pytest.mark.parametrize("gateway", [0, 1], ids=["front-door", "asgi"])
+def test_client_disconnect_cancels_upstream(scripted: Stack, gateway: int) -> None:
     scripted.upstream.disconnects.clear()
-    with slow_stream(scripted) as resp:
+    with slow_stream(scripted, gateway) as resp:
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert all(line.startswith("data: ") or line == "" for line in got)
