@@ -63,6 +63,15 @@ class Metrics:
 
         # labelled children, looked up once: ``labels()`` costs more than the increment
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._dispatch_children: dict[tuple[str, str], Any] = {}
+
+    def count_dispatch(self, task: str, status: str) -> None:
+        """Count one dispatch of ``task`` ending ``status`` (completed, cancelled, failed)."""
+        key = (task, status)
+        child = self._dispatch_children.get(key)
+        if child is None:
+            child = self._dispatch_children[key] = self.dispatches.labels(task, status)
+        child.inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count one finished request on ``route`` (a bounded label) and its duration."""

@@ -237,12 +237,12 @@ class DispatchService:
             except _RETRYABLE as exc:
                 self._metrics.upstream_errors.labels(_offering(target).id, exc.code or "").inc()
                 if _stop_after(target):
-                    self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+                    self._metrics.count_dispatch(plan.task.name, "failed")
                     raise
                 last = exc
                 continue
             return await self._finish_json(call, plan, _offering(target), raw)
-        self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+        self._metrics.count_dispatch(plan.task.name, "failed")
         raise last or NoCapacity("No capacity is serving this request right now.")
 
     async def _finish_json(
@@ -281,7 +281,7 @@ class DispatchService:
                 self._metrics.upstream_errors.labels(_offering(target).id, exc.code or "").inc()
                 await upstream.aclose()
                 if _stop_after(target):
-                    self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+                    self._metrics.count_dispatch(plan.task.name, "failed")
                     raise
                 last = exc
                 continue
@@ -292,7 +292,7 @@ class DispatchService:
                 self._relay(call, plan, _offering(target), first, upstream),
                 {"x-lattice-dispatch-id": plan.dispatch_id},
             )
-        self._metrics.dispatches.labels(plan.task.name, "failed").inc()
+        self._metrics.count_dispatch(plan.task.name, "failed")
         raise last or NoCapacity("No capacity is serving this request right now.")
 
     async def _relay(
@@ -396,7 +396,7 @@ class DispatchService:
         status: str,
     ) -> None:
         record = self._record(call, plan, offering, units, estimated, status)
-        self._metrics.dispatches.labels(plan.task.name, status).inc()
+        self._metrics.count_dispatch(plan.task.name, status)
         await self._outbox.append(record)
         plan.metered = True
         if plan.reserved and self._spend is not None:

@@ -43,6 +43,9 @@ class LatticeHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._front = find_front(self.app) if self.limit_concurrency is None else None
+        #: the fast cycle in progress (uvicorn's ``self.cycle`` moves on to a request
+        #: pipelined behind it, which must not hide this one from ``connection_lost``)
+        self._fast: FastCycle | None = None
 
     def on_headers_complete(self) -> None:
         front = self._front
@@ -65,7 +68,7 @@ class LatticeHttpProtocol(HttpToolsProtocol):
                     expect_100_continue=self.expect_100_continue,
                     on_response=self.on_response_complete,
                 )
-                self.cycle = cycle  # type: ignore[assignment]
+                self.cycle = self._fast = cycle  # type: ignore[assignment]
                 cycle.task = self.loop.create_task(front.serve(task, path, self.headers, cycle))
                 cycle.task.add_done_callback(self.tasks.discard)
                 self.tasks.add(cycle.task)
@@ -73,7 +76,9 @@ class LatticeHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        cycle = self.cycle
         super().connection_lost(exc)
-        if isinstance(cycle, FastCycle):
-            cycle.client_gone()
+        fast, self._fast = self._fast, None
+        if fast is not None and not fast.response_complete:
+            fast.disconnected = True
+            fast.message_event.set()
+            fast.client_gone()

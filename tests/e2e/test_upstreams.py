@@ -3,6 +3,8 @@ drop_params, cancellation on disconnect, idempotency and one usage record per di
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from contextlib import AbstractContextManager
 from typing import Any
@@ -180,6 +182,38 @@ def test_client_disconnect_cancels_upstream(scripted: Stack, gateway: int) -> No
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert all(line.startswith("data: ") or line == "" for line in got)
+    closed = time.monotonic()
+    deadline = closed + 2.0
+    while not scripted.upstream.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert scripted.upstream.disconnects, "upstream never saw the disconnect"
+    assert scripted.upstream.disconnects[0] - closed < 0.5
+
+
+@pytest.mark.parametrize("gateway", [0, 1], ids=["front-door", "asgi"])
+def test_disconnect_with_a_request_pipelined_behind_the_stream(
+    scripted: Stack, gateway: int
+) -> None:
+    """The client pipelines a second request behind a stream, then leaves: the stream's
+    upstream is still cancelled at once."""
+    scripted.upstream.disconnects.clear()
+    body = json.dumps(
+        {
+            "model": model("slow-stream"),
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+        }
+    ).encode()
+    req = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {scripted.api_key}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    host, port = scripted.gateways[gateway].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(req + req)
+        got = b""
+        while got.count(b"data: ") < 2:
+            got += sock.recv(65536)
     closed = time.monotonic()
     deadline = closed + 2.0
     while not scripted.upstream.disconnects and time.monotonic() < deadline:
