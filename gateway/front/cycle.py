@@ -38,6 +38,20 @@ _CLOSE = b"connection: close\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+#: uvicorn replaces its list of default headers (``date``, ``server``) once a second: the
+#: encoded form of the current list is kept here, not rebuilt per request.
+_defaults: tuple[list[tuple[bytes, bytes]] | None, bytes] = (None, b"")
+
+
+def _encoded_defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
+    global _defaults
+    cached, encoded = _defaults
+    if cached is not headers:
+        encoded = b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+        _defaults = (headers, encoded)
+    return encoded
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -67,7 +81,7 @@ class FastCycle:
         self.response_started = False
         self.response_complete = False
         self.task: asyncio.Task[None] | None = None
-        self._default = b"".join(b"%s: %s\r\n" % (n, v) for n, v in default_headers)
+        self._default = _encoded_defaults(default_headers)
         self._streaming = False
         self._gone = False
 

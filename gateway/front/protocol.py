@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.front.cycle import FastCycle
@@ -56,9 +55,12 @@ class LatticeHttpProtocol(HttpToolsProtocol):
             and (self.cycle is None or self.cycle.response_complete)
             and not parser.should_upgrade()
         ):
-            raw_path = httptools.parse_url(self.url).path
-            path = raw_path.decode("ascii")
-            task = front.task_for(path) if b"%" not in raw_path else None
+            # origin-form ("/v1/…?…", what clients send); anything else goes uvicorn's way
+            raw_path = self.url.partition(b"?")[0]
+            task = None
+            if raw_path[:1] == b"/" and b"%" not in raw_path:
+                path = raw_path.decode("ascii", "replace")
+                task = front.task_for(path)
             if task is not None:
                 cycle = FastCycle(
                     transport=self.transport,
