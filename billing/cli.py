@@ -9,7 +9,10 @@ callable given the ``billing`` subparsers (``add_parser``), e.g.
 Configuration: ``LATTICE_REDIS_URL`` (or ``--redis-url``), Stripe from the environment
 (:func:`billing.stripe_api.stripe_api_from_env`), and the worker's flags, whose defaults may
 also come from ``LATTICE_BILLING_WINDOW_S``, ``LATTICE_BILLING_GRACE_S``,
-``LATTICE_BILLING_BATCH`` and ``LATTICE_BILLING_UNIT_METERS`` (comma-separated units).
+``LATTICE_BILLING_BATCH`` and ``LATTICE_BILLING_UNIT_METERS`` (comma-separated units). The
+usage stream trimmer beside the worker (:mod:`billing.usage_trim`): ``LATTICE_USAGE_TRIM``
+(``true``/``false``), ``LATTICE_USAGE_RETAIN_S`` and ``LATTICE_USAGE_GROUPS`` (comma-separated
+consumer groups that must have acknowledged an entry before it is trimmed).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+
+from billing.usage_trim import DEFAULT_GROUPS, DEFAULT_RETAIN_S
 
 __all__ = ["add_billing_commands", "build_parser", "main", "worker_config"]
 
@@ -55,6 +60,30 @@ def _setup_logging() -> None:
 
 def _units(text: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in text.split(",") if u.strip())
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in _TRUE | _FALSE:
+        raise SystemExit(f"lattice: {name} must be true or false, not {value!r}")
+    return value in _TRUE
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
 
 
 def _redis(args: argparse.Namespace) -> aioredis.Redis:
@@ -103,7 +132,25 @@ def worker_config(args: argparse.Namespace) -> Any:
         reclaim_every_s=args.reclaim_s,
         backoff_cap_s=args.backoff_cap_s,
         unit_meters=_units(args.unit_meters),
+        **_trim_config(args),
     )
+
+
+def _trim_config(args: argparse.Namespace) -> dict[str, Any]:
+    trim = args.trim_usage if args.trim_usage is not None else _env_flag("LATTICE_USAGE_TRIM", True)
+    groups = _units(args.usage_groups)
+    if trim and not groups:
+        raise SystemExit(
+            "lattice: --usage-groups is empty (turn trimming off with --no-trim-usage)"
+        )
+    if args.trim_interval_s <= 0:
+        raise SystemExit("lattice: --trim-interval-s must be positive")
+    return {
+        "trim_usage": trim,
+        "usage_retain_s": args.usage_retain_s,
+        "usage_groups": groups,
+        "trim_interval_s": args.trim_interval_s,
+    }
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -214,6 +261,26 @@ def add_billing_commands(sub: Any, extra: Iterable[Register] = ()) -> argparse.A
         default=_env("LATTICE_BILLING_UNIT_METERS", ""),
         help="comma-separated units also billed on their own meter",
     )
+    p.add_argument(
+        "--trim-usage",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trim the usage stream below what every --usage-groups group acknowledged "
+        "(default: $LATTICE_USAGE_TRIM, else on)",
+    )
+    p.add_argument(
+        "--usage-retain-s",
+        type=_seconds,
+        default=_env("LATTICE_USAGE_RETAIN_S", str(DEFAULT_RETAIN_S)),
+        help="keep acknowledged usage entries this long (default 604800, 7 days)",
+    )
+    p.add_argument(
+        "--usage-groups",
+        default=_env("LATTICE_USAGE_GROUPS", ",".join(DEFAULT_GROUPS)),
+        help="consumer groups that must acknowledge an entry before it is trimmed "
+        "(default billing,ledger,earnings)",
+    )
+    p.add_argument("--trim-interval-s", type=_seconds, default=60.0)
     p.set_defaults(func=run_worker)
 
     p = bsub.add_parser("reconcile", help="compare the ledger with what Stripe accepted")

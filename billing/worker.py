@@ -18,8 +18,11 @@ One step (:meth:`BillingWorker.run_once`, what tests drive):
    (or refused it for good: then they are in the dead-letter stream ``lat:usage:dead``).
 
 :meth:`BillingWorker.run` loops over steps until SIGTERM/SIGINT (the step in progress
-finishes; the window locks held are released). Dependencies are a Redis client and a
-:class:`billing.stripe_api.StripeApi`; the clock is injectable (``clock``, unix seconds).
+finishes; the window locks held are released). Beside the loop, unless ``trim_usage`` is off,
+a :class:`billing.usage_trim.UsageTrimmer` trims the usage stream every ``trim_interval_s``
+below what every group of ``usage_groups`` acknowledged and older than ``usage_retain_s``.
+Dependencies are a Redis client and a :class:`billing.stripe_api.StripeApi`; the clock is
+injectable (``clock``, unix seconds).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from redis.exceptions import RedisError
 from billing.closer import WindowCloser
 from billing.ledger import FoldResult, Ledger, StreamEntry
 from billing.stripe_types import StripeApi
+from billing.usage_trim import DEFAULT_GROUPS, DEFAULT_RETAIN_S, UsageTrimmer, trimming
 from billing.windows import retry_delay
 
 __all__ = ["BillingWorker", "StepReport", "WorkerConfig", "consumer_name"]
@@ -70,6 +74,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backoff_cap_s: float = 30.0
     #: Units (e.g. ``prompt_tokens``) also billed on their own meter, ``lattice_usage_<unit>``.
     unit_meters: tuple[str, ...] = ()
+    #: Trim the usage stream (:mod:`billing.usage_trim`) below what every group in
+    #: ``usage_groups`` acknowledged and older than ``usage_retain_s``.
+    trim_usage: bool = True
+    usage_retain_s: float = DEFAULT_RETAIN_S
+    usage_groups: tuple[str, ...] = DEFAULT_GROUPS
+    trim_interval_s: float = 60.0
 
 
 class StepReport(msgspec.Struct):
@@ -126,6 +136,12 @@ class BillingWorker:
             self.ledger, stripe, self.config, token=self.consumer, clock=clock, rng=self._rng
         )
         self.totals = StepReport()
+        c = self.config
+        self.trimmer = (
+            UsageTrimmer(redis, groups=c.usage_groups, retain_s=c.usage_retain_s, clock=clock)
+            if c.trim_usage
+            else None
+        )
 
     # -- the step --------------------------------------------------------------------------
 
@@ -193,25 +209,29 @@ class BillingWorker:
             "billing worker started",
             extra={"consumer": self.consumer, "config": msgspec.to_builtins(self.config)},
         )
-        failures = 0
-        block: int | None = None
         try:
-            while not stop.is_set():
-                try:
-                    report = await self.run_once(block_ms=block)
-                except RedisError as exc:
-                    failures += 1
-                    log.warning("Redis error in the billing worker", extra={"error": repr(exc)})
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), retry_delay(failures, rng=self._rng))
-                    continue
-                failures = 0
-                block = None if report.read >= self.config.batch else self._idle_block_ms()
+            async with trimming(self.trimmer, self.config.trim_interval_s):
+                await self._loop(stop)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.aclose()
             log.info("billing worker stopped", extra={"totals": msgspec.to_builtins(self.totals)})
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        failures = 0
+        block: int | None = None
+        while not stop.is_set():
+            try:
+                report = await self.run_once(block_ms=block)
+            except RedisError as exc:
+                failures += 1
+                log.warning("Redis error in the billing worker", extra={"error": repr(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_delay(failures, rng=self._rng))
+                continue
+            failures = 0
+            block = None if report.read >= self.config.batch else self._idle_block_ms()
 
     def _idle_block_ms(self) -> int:
         pause = self.closer.pause_left()
