@@ -331,14 +331,6 @@ def start_stack(args: argparse.Namespace, run_dir: Path, procs: Procs) -> Stack:
     return st
 
 
-#: ``--variants``: run ``lattice daemon run`` on uvloop (the shipped command uses asyncio's
-#: default loop), to measure what that would change without editing daemon/.
-_UVLOOP_DAEMON = (
-    "import sys, asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from gateway.cli.main import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 def start_daemon(
     st: Stack,
     name: str,
@@ -346,7 +338,7 @@ def start_daemon(
     backend_url: str | None,
     *,
     concurrency: int = 256,
-    uvloop: bool = False,
+    loop: str | None = None,
 ) -> Daemon:
     """Make a runtime in Redis, write its ``runtime.json`` (0600) and run ``lattice daemon
     run`` against ``gateway`` with the ``openai`` backend at ``backend_url`` (``None``: the
@@ -363,10 +355,9 @@ def start_daemon(
     else:
         cli += ["--backend", "openai", "--backend-url", backend_url]
     cli += ["--default-model", MODEL, "--concurrency", str(concurrency), "--gateway", url]
-    if uvloop:
-        argv = [sys.executable, "-c", _UVLOOP_DAEMON, *cli]
-    else:
-        argv = [*st.setup.lattice_argv(), *cli]
+    if loop is not None:
+        cli += ["--loop", loop]
+    argv = [*st.setup.lattice_argv(), *cli]
     env = {**os.environ, "LATTICE_CONFIG_DIR": str(cfg)}
     proc = st.procs.spawn(f"daemon-{name}", argv, env=env)
     d = Daemon(name, runtime_id, gateway, proc)
@@ -462,7 +453,7 @@ def stack_pids(st: Stack, daemons: Sequence[str]) -> dict[str, int]:
 
 VARIANTS = {
     # target name -> (daemon name, what differs from tunnel-local)
-    "tunnel-local-uvloop": ("local-uvloop", "daemon on uvloop (an experiment, not shipped)"),
+    "tunnel-local-asyncio": ("local-asyncio", "daemon on asyncio's loop (`--loop asyncio`)"),
     "tunnel-local-simbackend": ("local-simbackend", "daemon with `--backend sim` (no HTTP hop)"),
 }
 
@@ -1263,7 +1254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         action="store_true",
-        help="latency: also a daemon on uvloop and one with the in-process sim backend",
+        help="latency: also a daemon on asyncio's loop and one with the in-process sim backend",
     )
     p.add_argument("--idle-client", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -1322,7 +1313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 start_daemon(st, "local", "A", st.sim)
                 start_daemon(st, "cross", "B", st.sim)
             if "latency" in args.phases and args.variants:
-                start_daemon(st, "local-uvloop", "A", st.sim, uvloop=True)
+                start_daemon(st, "local-asyncio", "A", st.sim, loop="asyncio")
                 start_daemon(st, "local-simbackend", "A", None)
             if "latency" in args.phases:
                 targets = latency_targets(st)

@@ -8,7 +8,8 @@ Dispatch concurrently over the sans-I/O :class:`daemon.tunnel.Connection`:
   ``Fail(403, "dispatch_refused", <reason>)`` and the backend never sees the request;
 - a stream sends one Data frame per SSE payload, pulling the next payload from the backend
   only while the dispatch holds credit: the gateway's slow consumer slows the local backend;
-- a non-streamed result is split into Data frames of at most ``max_data`` bytes, then End;
+- a non-streamed result goes as one Result frame (protocol version 2) when it fits in one
+  frame, else as Data frames of at most ``max_data`` bytes, then End;
 - Cancel cancels the backend work; the dispatch's ``timeout_ms`` ends it with
   ``Fail(504, "personal_lattice_execution_timeout")``.
 
@@ -483,7 +484,8 @@ class Tunnel:
                     advertised_models=self.advert.servable_models,
                 )
                 status = await (self._stream(d) if d.stream else self._call(d))
-            self._answer(self.conn.send_end, d.id, status)
+            if status is not None:
+                self._answer(self.conn.send_end, d.id, status)
         except DispatchRefused as exc:
             self._answer(fail, d.id, 403, "dispatch_refused", exc.reason)
         except TimeoutError:
@@ -521,9 +523,15 @@ class Tunnel:
         finally:
             await payloads.aclose()
 
-    async def _call(self, d: Dispatch) -> int:
+    async def _call(self, d: Dispatch) -> int | None:
+        """Relay a whole result: one Result frame when it fits (protocol version 2), else
+        Data frames then the status for End. ``None``: already ended."""
         reply = await self.runner.backend.call(d.task, d.model, d.body)
-        body, step = memoryview(reply.body), self.conn.max_data
+        conn = self.conn
+        if conn.results and len(reply.body) <= min(conn.max_data, conn.credit(d.id)):
+            self._answer(conn.send_result, d.id, reply.status, reply.body)
+            return None
+        body, step = memoryview(reply.body), conn.max_data
         for start in range(0, len(body), step):
             await self._send(d.id, bytes(body[start : start + step]))
         return reply.status

@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from daemon.backends.base import Advertisement, BackendReply
 from daemon.backends.errors import StreamingNotSupported, UnsupportedTask
-from daemon.backends.http_client import HttpTimeouts, new_session, post_json
+from daemon.backends.http_client import HttpSession, HttpTimeouts, new_session, post_json
 from daemon.backends.mapping import ModelMap
 
 __all__ = ["HttpTaskBackend"]
@@ -49,7 +48,7 @@ class HttpTaskBackend:
         self._concurrency = concurrency
         self._timeouts = timeouts or HttpTimeouts()
         self._headers = dict(headers or {})
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpSession | None = None
 
     async def describe(self) -> Advertisement:
         return Advertisement(

@@ -29,6 +29,7 @@ from daemon.backends.errors import (
     UnsupportedTask,
 )
 from daemon.backends.http_client import (
+    HttpSession,
     HttpTimeouts,
     get_json,
     new_session,
@@ -146,9 +147,9 @@ class OpenAICompatBackend:
         self._default: str | None = None
         self._concurrency = concurrency
         self._timeouts = timeouts or HttpTimeouts()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpSession | None = None
 
-    def _http(self) -> aiohttp.ClientSession:
+    def _http(self) -> HttpSession:
         if self._session is None:
             self._session = new_session(self._concurrency, self._headers)
         return self._session

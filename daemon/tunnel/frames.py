@@ -4,7 +4,7 @@ Every frame is a msgpack array whose first element is the frame's tag (``array_l
 Structs: compact, and the fastest msgspec encoding), e.g. ``["data", "dsp_1f…", b"…"]``.
 Who may send what (anything else is a protocol error)::
 
-    daemon  → gateway   Hello, Data, End, Fail, Drain, Ping, Pong, Close
+    daemon  → gateway   Hello, Data, End, Result (version 2), Fail, Drain, Ping, Pong, Close
     gateway → daemon    Welcome, Dispatch, Credit, Cancel, GoAway, Ping, Pong, Close
 
 The daemon opens with :class:`Hello` (the protocol versions it speaks and what it serves);
@@ -12,6 +12,8 @@ the gateway answers :class:`Welcome` with the version it chose. Versioning rule:
 version only *appends* fields, with defaults, so ``Hello`` and ``Welcome`` — the two frames
 read before a version is agreed — tolerate trailing fields they do not know; every other
 frame is strict (``forbid_unknown_fields``), because by then both ends speak one version.
+Version 2 adds :class:`Result`: a whole non-streamed result in one frame (Data then End in
+one message: one write, one read and one wake-up less per dispatch at each end).
 
 Time in frames is relative only (``timeout_ms``, ``heartbeat_ms``): the two ends' clocks are
 never compared. Field constraints (``Meta``) are part of the protocol: a frame that violates
@@ -36,6 +38,7 @@ __all__ = [
     "MIN_MAX_FRAME",
     "MIN_WINDOW",
     "PROTOCOL_VERSION",
+    "RESULT_VERSION",
     "SUPPORTED_VERSIONS",
     "Cancel",
     "Close",
@@ -51,6 +54,7 @@ __all__ = [
     "Hello",
     "Ping",
     "Pong",
+    "Result",
     "Welcome",
     "decode_frame",
     "encode_frame",
@@ -58,8 +62,10 @@ __all__ = [
 ]
 
 #: The protocol version this code speaks best; :data:`SUPPORTED_VERSIONS` lists all it speaks.
-PROTOCOL_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final[tuple[int, ...]] = (1,)
+PROTOCOL_VERSION: Final = 2
+SUPPORTED_VERSIONS: Final[tuple[int, ...]] = (1, 2)
+#: The first version with :class:`Result` frames.
+RESULT_VERSION: Final = 2
 
 #: Per-dispatch flow-control window in bytes of ``Data`` payload (the gateway's default).
 DEFAULT_WINDOW: Final = 256 * 1024
@@ -175,6 +181,16 @@ class End(_Frame, frozen=True, tag="end"):
     status: Status
 
 
+class Result(_Frame, frozen=True, tag="result"):
+    """daemon → gateway, version ≥ 2: the whole result of a dispatch — exactly what a Data
+    frame with ``payload`` (none if empty) followed by ``End(status)`` says, in one message.
+    ``len(payload)`` counts against the dispatch's credit like a Data payload's."""
+
+    id: DispatchId
+    status: Status
+    payload: bytes
+
+
 class Fail(_Frame, frozen=True, tag="fail"):
     """daemon → gateway: the dispatch failed; status and code are given to the caller."""
 
@@ -232,6 +248,7 @@ Frame = (
     | Dispatch
     | Data
     | End
+    | Result
     | Fail
     | Credit
     | Cancel
@@ -243,7 +260,7 @@ Frame = (
 )
 
 #: Frames each role may *send* (what the other role may receive).
-DAEMON_FRAMES: Final = (Hello, Data, End, Fail, Drain, Ping, Pong, Close)
+DAEMON_FRAMES: Final = (Hello, Data, End, Result, Fail, Drain, Ping, Pong, Close)
 GATEWAY_FRAMES: Final = (Welcome, Dispatch, Credit, Cancel, GoAway, Ping, Pong, Close)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -247,6 +247,26 @@ class Connection:
         self._finish(dispatch_id)
         self._send(fr.End(dispatch_id, status))
 
+    @property
+    def results(self) -> bool:
+        """daemon: whether :meth:`send_result` may be used (the agreed version has Result)."""
+        return self.version is not None and self.version >= fr.RESULT_VERSION
+
+    def send_result(self, dispatch_id: str, status: int, payload: bytes) -> None:
+        """daemon, version ≥ 2: the whole result in one frame (Data then End). The rules of
+        :meth:`send_data` apply to ``payload`` (credit, :attr:`max_data`); InvalidState if
+        the agreed version has no Result frame (see :attr:`results`)."""
+        self._check_status(status)
+        flow = self._live_outbound(dispatch_id)
+        if not self.results:
+            raise InvalidState(f"no Result frame in protocol version {self.version}")
+        if len(payload) > self.max_data:
+            raise FrameTooLarge(f"payload of {len(payload)} bytes > max_data {self.max_data}")
+        if not flow.spend(len(payload)):
+            raise FlowControlError(f"payload of {len(payload)} bytes > credit {flow.credit}")
+        self._finish(dispatch_id)
+        self._send(fr.Result(dispatch_id, status, payload))
+
     def send_fail(self, dispatch_id: str, status: int, code: str, message: str) -> None:
         """daemon: the dispatch failed; ``message`` is truncated to fit the frame."""
         self._check_status(status)

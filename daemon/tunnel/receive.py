@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from daemon.tunnel import events as ev
-from daemon.tunnel.flow import OutboundFlow, max_payload
+from daemon.tunnel.flow import InboundFlow, OutboundFlow, max_payload
 from daemon.tunnel.frames import (
     FRAME_OVERHEAD,
+    RESULT_VERSION,
     Cancel,
     Close,
     CloseCode,
@@ -37,6 +38,7 @@ from daemon.tunnel.frames import (
     Hello,
     Ping,
     Pong,
+    Result,
     Welcome,
 )
 from daemon.tunnel.states import State
@@ -89,7 +91,7 @@ def handle_frame(conn: Connection, frame: Frame) -> None:
 
 
 def handle_gateway_frame(conn: Connection, frame: Frame) -> None:
-    """The gateway end receives Hello, Data, End, Fail or Drain."""
+    """The gateway end receives Hello, Data, End, Result, Fail or Drain."""
     if type(frame) is Data and conn.state is State.OPEN:  # the hot path first
         flow = conn.inbound.get(frame.id)
         if flow is not None and flow.receive(len(frame.payload)):
@@ -108,7 +110,7 @@ def handle_gateway_frame(conn: Connection, frame: Frame) -> None:
             conn.peer_draining = True
             conn._emit(ev.PeerDraining())
         return
-    assert isinstance(frame, (Data, End, Fail))
+    assert isinstance(frame, (Data, End, Result, Fail))
     flow = conn.inbound.get(frame.id)
     if flow is None:
         kind = type(frame).__name__
@@ -122,6 +124,9 @@ def handle_gateway_frame(conn: Connection, frame: Frame) -> None:
         if not flow.cancelled:
             conn._emit(ev.DataReceived(frame.id, frame.payload))
         return
+    if isinstance(frame, Result):
+        _result(conn, frame, flow)
+        return
     del conn.inbound[frame.id]
     if isinstance(frame, End):
         conn._emit(ev.DispatchEnded(frame.id, frame.status, flow.cancelled))
@@ -129,6 +134,22 @@ def handle_gateway_frame(conn: Connection, frame: Frame) -> None:
         conn._emit(
             ev.DispatchFailed(frame.id, frame.status, frame.code, frame.message, flow.cancelled)
         )
+
+
+def _result(conn: Connection, frame: Result, flow: InboundFlow) -> None:
+    """A Result is a Data (unless its payload is empty) and an End, with the same rules."""
+    if conn.version is None or conn.version < RESULT_VERSION:
+        raise _error(f"a Result frame in protocol version {conn.version}")
+    size = len(frame.payload)
+    if not flow.receive(size):
+        raise _error(
+            f"flow control: {size} bytes for {frame.id[:64]!r} "
+            f"with {flow.peer_credit} bytes of credit"
+        )
+    del conn.inbound[frame.id]
+    if size and not flow.cancelled:
+        conn._emit(ev.DataReceived(frame.id, frame.payload))
+    conn._emit(ev.DispatchEnded(frame.id, frame.status, flow.cancelled))
 
 
 def _welcome(conn: Connection, hello: Hello) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import msgspec
 
 from catalog.model import Upstream
-from gateway.dispatch.http1 import Http1Client, HttpClientError
+from daemon.http1 import Http1Client, HttpClientError
 from gateway.errors import (
     InvalidRequest,
     LatticeError,
@@ -74,7 +74,7 @@ def map_upstream_status(status: int, body: bytes, retry_after: str | None) -> La
 
 
 class UpstreamClient:
-    """One connection pool (:class:`~gateway.dispatch.http1.Http1Client`) for every hosted
+    """One connection pool (:class:`~daemon.http1.Http1Client`) for every hosted
     upstream of a process."""
 
     def __init__(self, *, max_idle_per_origin: int = 256) -> None:

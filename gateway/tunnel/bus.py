@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import time
 from collections.abc import Coroutine, Iterable
@@ -50,6 +51,9 @@ __all__ = ["QueueConsumer"]
 
 log = logging.getLogger(__name__)
 
+_REPLY_WRITE_LUA = (
+    importlib.resources.files("gateway.tunnel").joinpath("reply_write.lua").read_text()
+)
 #: A cancel that arrives before its dispatch is remembered this long.
 _EARLY_CANCEL_KEEP_S = 120.0
 #: Commands per pipeline when a pass touches every held runtime.
@@ -106,6 +110,7 @@ class QueueConsumer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._running = False
+        self._reply_write = redis.register_script(_REPLY_WRITE_LUA)
         registry.add_listener(self._on_change)
         for runtime_id in registry.held():
             self._place(runtime_id)
@@ -278,20 +283,15 @@ class QueueConsumer:
     # -- writes (called by the pumps) ---------------------------------------------------------
 
     async def write(self, reply_to: str, events: list[DispatchEvent], ttl_ms: int) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(reply_to, {"e": encode(events)})
-            pipe.pexpire(reply_to, ttl_ms)
-            await pipe.execute()
+        await self._reply_write(keys=[reply_to], args=[encode(events), ttl_ms])
 
     async def finish(self, pump: Pump, final: list[DispatchEvent]) -> None:
-        """Write the final events (unless cancelled) and acknowledge the entry, in one trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if final and not pump.cancelled:
-                pipe.xadd(pump.reply_to, {"e": encode(final)})
-                pipe.pexpire(pump.reply_to, pump.reply_ttl_ms())
-            pipe.xack(pump.stream, keys.HOLDERS_GROUP, pump.entry_id)
-            pipe.xdel(pump.stream, pump.entry_id)
-            await pipe.execute()
+        """Write the final events (unless cancelled) and acknowledge the entry, in one call."""
+        events = encode(final) if final and not pump.cancelled else b""
+        await self._reply_write(
+            keys=[pump.reply_to, pump.stream],
+            args=[events, pump.reply_ttl_ms(), keys.HOLDERS_GROUP, pump.entry_id],
+        )
 
     # -- the control stream -------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ holder process that died stay in the group's pending list. :func:`claim_abandone
 them (XINFO CONSUMERS, then the ``gateway_alive`` key of every other consumer), claims the
 pending entries of the dead consumers that have been idle at least ``idle_ms`` (XPENDING +
 XCLAIM) for the calling process, and sorts them: those to start, and those to drop because
-their requester cancelled them (``dispatch_cancelled`` marker), they are malformed, or they
-were deleted (trimmed) while pending. Dead consumers with nothing pending are removed from the
-group (XGROUP DELCONSUMER), so the group does not grow with every gateway restart.
+their requester cancelled them (``dispatch_cancelled`` marker), the dead holder had already
+relayed part of their answer (their reply stream exists: a second run would append another
+answer to it; the requester fails them with ``tunnel_closed`` instead), they are malformed,
+or they were deleted (trimmed) while pending. Dead consumers with nothing pending are removed
+from the group (XGROUP DELCONSUMER), so the group does not grow with every gateway restart.
 
 Only consumers whose process is gone are claimed from: by idle time alone (plain XAUTOCLAIM)
 a long stream still being relayed by a live holder would be claimed and run twice. Each
@@ -103,12 +105,19 @@ async def claim_abandoned(
                 result.drop.append((stream, entry_id))
             else:
                 result.found.append((stream, entry_id, queued))
-    markers = await _each(
+    # One EXISTS per entry over both keys: its cancellation marker, and its reply stream (the
+    # dead holder relayed part of the answer: running it again would append a second answer
+    # to the first; its requester ends it with "tunnel_closed" once it has read that part).
+    started = await _each(
         redis,
         result.found,
-        lambda p, f: p.exists(keys.dispatch_cancelled(f[2].request.dispatch_id)),
+        lambda p, f: p.exists(keys.dispatch_cancelled(f[2].request.dispatch_id), f[2].reply_to),
     )
-    cancelled = [f for f, marked in zip(result.found, markers, strict=True) if marked]
-    result.drop.extend((stream, entry_id) for stream, entry_id, _ in cancelled)
-    result.found[:] = [f for f, marked in zip(result.found, markers, strict=True) if not marked]
+    keep = [f for f, n in zip(result.found, started, strict=True) if n == 0]
+    result.drop.extend(
+        (stream, entry_id)
+        for (stream, entry_id, _), n in zip(result.found, started, strict=True)
+        if n != 0
+    )
+    result.found[:] = keep
     return result

@@ -7,13 +7,18 @@
 2. else ``dispatch_enqueue.lua`` reads the presence key and, only if another process holds
    the runtime, appends the dispatch to its queue — one round trip. No holder →
    :class:`RuntimeUnavailable` at once (503 ``personal_lattice_relay_unavailable``);
-3. the returned :class:`RemoteHandle` XREAD-BLOCKs the reply stream (its first read is sent
-   together with the enqueue, on another connection; without a holder the script ends that
-   read with a marker entry). While blocked it checks the holder's ``gateway_alive`` key
-   about every ``liveness_interval_ms``: a holder that went away after relaying anything ends
-   the dispatch with ``Failed(502, "tunnel_closed")``; one that went away before relaying
-   anything is replaced by the runtime's new holder if there is one (it reclaims the entry,
-   see :mod:`gateway.tunnel.reclaim`), else the same 502.
+3. the returned :class:`RemoteHandle` XREAD-BLOCKs the reply stream. Its first read is
+   pipelined right behind the enqueue on the same connection (one write, one wake-up of
+   Redis; without a holder the script ends that read with a marker entry), so ``open``
+   returns with the first events in hand (or after one liveness interval without any); a
+   caller cancelled meanwhile cancels the dispatch. While blocked it checks the holder's
+   ``gateway_alive`` key about every ``liveness_interval_ms``: a holder that went away after
+   relaying anything ends the dispatch with ``Failed(502, "tunnel_closed")``; one that went
+   away before relaying anything is replaced by the runtime's new holder if there is one (it
+   reclaims the entry, see :mod:`gateway.tunnel.reclaim`), else the same 502.
+
+A finished reply stream is deleted off the response path, many at a time: one DEL per
+``reap_interval_s`` (0.1 s) at most, whatever the request rate.
 
 Both paths are wrapped by :func:`with_deadline`: at ``request.deadline_ms`` the dispatch is
 cancelled and ends with ``Failed(504, "personal_lattice_execution_timeout")``.
@@ -53,6 +58,7 @@ from gateway.tunnel.bus_protocol import (
     timeout_failure,
     tunnel_closed_failure,
 )
+from gateway.tunnel.deadline import DeadlineHandle, with_deadline
 from gateway.tunnel.registry import TunnelRegistry
 from gateway.tunnel.types import (
     Chunk,
@@ -82,11 +88,9 @@ _UNAVAILABLE = encode(
     [Failed(status=503, code="personal_lattice_relay_unavailable", message="Not connected.")]
 )
 _HOLDER_GONE = "The gateway process holding the runtime's tunnel went away."
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.debug("first reply read failed", extra={"error": str(exc)})
+#: Reply streams deleted by one DEL at most.
+_REAP_BATCH = 256
+_NOTHING: Any = object()
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -95,88 +99,6 @@ def _text(value: bytes | str | None) -> str | None:
 
 class RuntimeUnavailable(RelayUnavailable):
     """No gateway process holds the runtime's tunnel (503, at once, not at a timeout)."""
-
-
-class DeadlineHandle:
-    """A handle that ends at ``deadline_ms`` (unix ms) with ``Failed(504)`` and cancels the
-    dispatch it wraps. Yields Chunk* then exactly one Finished or Failed.
-
-    One timer serves the whole dispatch (``asyncio.timeout`` around every event would cost a
-    timer per chunk of a long stream): when it fires while the caller waits for an event, the
-    waiting task is interrupted (and un-cancelled again, as ``asyncio.timeout`` does)."""
-
-    def __init__(self, inner: DispatchHandle, deadline_ms: int) -> None:
-        self._inner = inner
-        self._events = inner.__aiter__()
-        self.deadline_ms = deadline_ms
-        self._done = False
-        self._expired = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._waiter: asyncio.Task[Any] | None = None
-        self._interrupted = False
-
-    def __aiter__(self) -> DeadlineHandle:
-        return self
-
-    async def __anext__(self) -> DispatchEvent:
-        if self._done:
-            raise StopAsyncIteration
-        if self._timer is None and not self._expired:
-            delay = (self.deadline_ms - now_ms()) / 1000
-            self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
-        if self._expired:
-            return await self._time_out()
-        task = asyncio.current_task()
-        assert task is not None
-        self._waiter = task
-        try:
-            event = await anext(self._events)
-        except asyncio.CancelledError:
-            if self._interrupted and task.uncancel() == 0:
-                return await self._time_out()
-            raise
-        except StopAsyncIteration:  # the inner handle broke its contract: still one terminal
-            event = tunnel_closed_failure()
-        finally:
-            self._waiter = None
-        if self._interrupted:  # the interruption was swallowed below us: undo it
-            self._interrupted = False
-            task.uncancel()
-        if not isinstance(event, Chunk):
-            self._finish()
-        return event
-
-    def _expire(self) -> None:
-        self._timer = None
-        self._expired = True
-        if self._waiter is not None and not self._interrupted:
-            self._interrupted = True
-            self._waiter.cancel()
-
-    async def _time_out(self) -> DispatchEvent:
-        self._interrupted = False
-        await self.cancel()
-        return timeout_failure()
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    async def cancel(self) -> None:
-        if not self._done:
-            self._finish()
-            await self._inner.cancel()
-
-    async def aclose(self) -> None:
-        await self.cancel()
-
-
-def with_deadline(handle: DispatchHandle, deadline_ms: int) -> DeadlineHandle:
-    """``handle``, ending with ``Failed(504, "personal_lattice_execution_timeout")`` at
-    ``deadline_ms`` (the dispatch is then cancelled: the daemon stops)."""
-    return DeadlineHandle(handle, deadline_ms)
 
 
 class RemoteHandle:
@@ -192,7 +114,7 @@ class RemoteHandle:
         self._redis = dispatcher.redis
         self.request = request
         self.holder = holder
-        self._reply = keys.dispatch_reply(request.dispatch_id)
+        self._reply = self.reply_key = keys.dispatch_reply(request.dispatch_id)
         self._last: bytes = b"0-0"
         self._buffer: deque[DispatchEvent] = deque()
         self._consumed = 0
@@ -200,13 +122,8 @@ class RemoteHandle:
         self._received = False
         self._done = False
         self._cancel_sent = False
-        self._first_read: asyncio.Task[Any] | None = None
-
-    def start_reading(self) -> None:
-        """Issue the first blocking read now, concurrently with the enqueue: the reply is
-        then awaited one round trip sooner."""
-        self._first_read = asyncio.create_task(self._read(self._block_ms()))
-        self._first_read.add_done_callback(_retrieve)
+        #: The answer of the read pipelined with the enqueue, until it is looked at.
+        self._first_reply: Any = _NOTHING
 
     def __aiter__(self) -> RemoteHandle:
         return self
@@ -221,11 +138,8 @@ class RemoteHandle:
             self._consumed += chunk_cost(event)  # consumed: it reached the caller
         else:
             self._done = True
-            self._d.spawn(self.delete_reply())
+            self._d.discard_reply(self._reply)
         return event
-
-    async def delete_reply(self) -> None:
-        await self._redis.delete(self._reply)
 
     async def cancel(self) -> None:
         """Tell the holder to stop (its session cancels the dispatch on the daemon) and leave
@@ -253,13 +167,19 @@ class RemoteHandle:
         pipe.xadd(control, {"m": encode(message)})
         pipe.pexpire(control, keys.GATEWAY_CONTROL_TTL_MS)
 
-    def _block_ms(self) -> int:
+    def block_ms(self) -> int:
+        """How long the next read may block (the liveness interval, or until the deadline)."""
         remaining = self.request.deadline_ms - now_ms()
         return max(1, min(self._d.liveness_interval_ms, remaining))
 
-    async def _read(self, block_ms: int) -> Any:
+    def add_read(self, pipe: Any, block_ms: int) -> None:
+        """Queue the next blocking read of the reply stream on ``pipe``."""
         streams: dict[Any, Any] = {self._reply: self._last}
-        return await self._redis.xread(streams, count=self._d.read_count, block=block_ms)
+        pipe.xread(streams, count=self._d.read_count, block=block_ms)
+
+    def first_reply(self, reply: Any) -> None:
+        """The answer of the read pipelined with the enqueue (see RuntimeDispatcher.open)."""
+        self._first_reply = reply
 
     async def _fill(self) -> None:
         """Read the next entries (or find out the holder is gone, or the deadline passed)."""
@@ -268,11 +188,10 @@ class RemoteHandle:
             await self._send_cancel()
             self._buffer.append(timeout_failure())
             return
-        block = self._block_ms()
+        block = self.block_ms()
         streams: dict[Any, Any] = {self._reply: self._last}
-        if self._first_read is not None:
-            first, self._first_read = self._first_read, None
-            reply = await first
+        if self._first_reply is not _NOTHING:
+            reply, self._first_reply = self._first_reply, _NOTHING
         elif self._consumed - self._credited >= self._d.window_bytes // 2:
             async with self._redis.pipeline(transaction=False) as pipe:
                 grant = CreditGrant(dispatch_id=self.request.dispatch_id, consumed=self._consumed)
@@ -282,7 +201,7 @@ class RemoteHandle:
                 reply = (await pipe.execute())[-1]
             self._credited = self._consumed
         else:
-            reply = await self._read(block)
+            reply = await self._redis.xread(streams, count=self._d.read_count, block=block)
         entries = [entry for _, stream in stream_entries(reply) for entry in stream]
         if not entries:
             await self._check_holder()
@@ -324,6 +243,7 @@ class RuntimeDispatcher:
         liveness_interval_ms: int = 1000,
         read_count: int = 64,
         queue_maxlen: int = keys.DISPATCH_QUEUE_MAXLEN,
+        reap_interval_s: float = 0.1,
     ) -> None:
         self.redis = redis
         self.registry = registry
@@ -332,8 +252,10 @@ class RuntimeDispatcher:
         self.liveness_interval_ms = liveness_interval_ms
         self.read_count = read_count
         self.queue_maxlen = queue_maxlen
-        self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self.reap_interval_s = reap_interval_s
         self._background: set[asyncio.Task[Any]] = set()
+        self._doomed: list[str] = []  # finished reply streams, deleted in batches
+        self._reap_timer: asyncio.TimerHandle | None = None
 
     async def open(self, request: DispatchRequest) -> DispatchHandle:
         """Start ``request`` on its runtime; raises :class:`RuntimeUnavailable` when no
@@ -351,25 +273,71 @@ class RuntimeDispatcher:
             window_bytes=self.window_bytes,
         )
         handle = RemoteHandle(self, request, "")
-        handle.start_reading()
-        holder = _text(
-            await self._enqueue(
-                keys=[
-                    keys.runtime_holder(request.runtime_id),
-                    keys.runtime_queue(request.runtime_id),
-                    entry.reply_to,
-                ],
-                args=[self.process_id, self.queue_maxlen, encode(entry), _UNAVAILABLE],
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # EVAL, not EVALSHA: a script cache emptied under us (restart, SCRIPT FLUSH) would
+            # otherwise leave the read behind it blocking for nothing. Redis caches the
+            # compiled script by its digest all the same.
+            pipe.eval(
+                _ENQUEUE_LUA,
+                3,
+                keys.runtime_holder(request.runtime_id),
+                keys.runtime_queue(request.runtime_id),
+                entry.reply_to,
+                self.process_id,
+                self.queue_maxlen,
+                encode(entry),
+                _UNAVAILABLE,
             )
-        )
+            handle.add_read(pipe, handle.block_ms())
+            try:
+                found, reply = await pipe.execute()
+            except asyncio.CancelledError:
+                # The caller left while the dispatch may be queued already: cancel it.
+                self.spawn(self._abandon(request))
+                raise
+        holder = _text(found)
         if holder is None or holder == self.process_id:
-            # The script answered the first read with a marker, so it ends at once.
-            self.spawn(handle.delete_reply())
+            # The script answered the read with a marker, which ended it at once.
+            self.discard_reply(entry.reply_to)
             raise RuntimeUnavailable(
                 f"The personal runtime '{request.runtime_id}' is not connected right now."
             )
         handle.holder = holder
+        handle.first_reply(reply)
         return with_deadline(handle, request.deadline_ms)
+
+    async def _abandon(self, request: DispatchRequest) -> None:
+        """Cancel a dispatch whose ``open`` was cancelled (its holder is whoever holds the
+        runtime now; a reclaiming holder drops it thanks to the marker)."""
+        holder = _text(await self.redis.get(keys.runtime_holder(request.runtime_id)))
+        handle = RemoteHandle(self, request, holder or "")
+        if holder is None:
+            ttl_ms = max(request.deadline_ms - now_ms(), 0) + keys.DISPATCH_REPLY_GRACE_MS
+            await self.redis.set(keys.dispatch_cancelled(request.dispatch_id), b"1", px=ttl_ms)
+            self.discard_reply(handle.reply_key)
+            return
+        await handle.cancel()
+
+    def discard_reply(self, reply_key: str) -> None:
+        """Delete a finished reply stream soon, in one batch with the others (off the
+        response path: at most one DEL per ``reap_interval_s``)."""
+        self._doomed.append(reply_key)
+        if len(self._doomed) >= _REAP_BATCH:
+            self._delete_doomed()
+        elif self._reap_timer is None:
+            loop = asyncio.get_running_loop()
+            self._reap_timer = loop.call_later(self.reap_interval_s, self._delete_doomed)
+
+    def _delete_doomed(self) -> None:
+        if self._reap_timer is not None:
+            self._reap_timer.cancel()
+            self._reap_timer = None
+        doomed, self._doomed = self._doomed, []
+        if doomed:
+            self.spawn(self._delete(doomed))
+
+    async def _delete(self, reply_keys: list[str]) -> None:
+        await self.redis.delete(*reply_keys)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run housekeeping (reply-stream deletion) off the caller's path."""
@@ -383,5 +351,6 @@ class RuntimeDispatcher:
             log.warning("dispatch housekeeping failed", extra={"error": str(exc)})
 
     async def aclose(self) -> None:
-        """Wait for pending housekeeping."""
+        """Delete the reply streams still waiting for their batch; wait for housekeeping."""
+        self._delete_doomed()
         await asyncio.gather(*self._background, return_exceptions=True)

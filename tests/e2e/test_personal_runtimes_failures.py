@@ -43,6 +43,9 @@ MESSAGES: Any = [{"role": "user", "content": "Tell me about lattices."}]
 #: ``max_tokens=8`` takes 1.6 s, streamed or not.
 PACED_SIM = ("--backend", "sim", "--sim-token-delay-ms", "200")
 PACED_TOKENS = 8
+#: 8 tokens at 0.5 s each: a dispatch stays in flight for 4 s, so that a loaded machine
+#: cannot finish it before the test kills its holder (at 200 ms a token, a 1 s stall could).
+SLOW_SIM = ("--backend", "sim", "--sim-token-delay-ms", "500")
 
 _T = TypeVar("_T")
 
@@ -266,7 +269,7 @@ def test_gateway_holding_the_tunnel_killed(
 ) -> None:
     runtime = runtimes.pair(stack, name="e2e-failover")
     # The victim first: the daemon holds its tunnel there, and knows where else to go.
-    runtime.start([victim.url, stack.gateways[0]], *PACED_SIM)
+    runtime.start([victim.url, stack.gateways[0]], *SLOW_SIM)
     try:
         first_holder = runtime.holder()
         assert first_holder is not None
@@ -282,26 +285,28 @@ def test_gateway_holding_the_tunnel_killed(
                     model=runtime.model, messages=MESSAGES, max_tokens=PACED_TOKENS
                 ),
             )
-            wait_for(lambda: _pending(stack, runtime) == 2, 2.0, "both dispatches")
+            # Both in flight on the victim (each has seconds of tokens left: SLOW_SIM).
+            wait_for(lambda: _pending(stack, runtime) == 2, 10.0, "both dispatches")
             victim.kill()
             killed = time.monotonic()
-            # The daemon reconnects to the other process at once (backoff ≤ 0.5 s).
+            # The daemon reconnects to the other process at once (backoff ≤ 0.5 s; the
+            # bound leaves room for a loaded machine, and is still far below the TTLs).
             wait_for(
-                lambda: runtime.holder() not in (None, first_holder), 5.0, "the daemon to move"
+                lambda: runtime.holder() not in (None, first_holder), 10.0, "the daemon to move"
             )
             assert runtime.daemon is not None and runtime.daemon.alive()
             # The in-flight stream had received data from the dead holder: it ends with an
             # SSE error event once the holder's liveness key expires (5 s TTL, checked
-            # every second), never hangs.
+            # every second), never hangs: well before its 120 s deadline.
             with pytest.raises(openai.APIError) as err:
                 _drain(chunks)
-            assert time.monotonic() - killed < 10.0
+            assert time.monotonic() - killed < keys.TUNNEL_PRESENCE_TTL_MS / 1000 + 10.0
             assert err.value.code == "tunnel_closed", err.value.body
             # Nothing of the non-streamed one had reached its caller: the new holder
             # reclaims it from the dead one's queue and runs it (ARCHITECTURE: crashed
             # consumers' work is reclaimed), so it completes instead of failing.
             result: Any
-            result, _ = single.result(20)
+            result, _ = single.result(30)
             assert not isinstance(result, Exception), result
             assert result.choices[0].message.content
         # New requests succeed, through either process of the stack, streamed or not.

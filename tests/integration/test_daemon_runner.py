@@ -10,10 +10,12 @@ import pytest
 
 from daemon.runner import RunnerStopped
 from daemon.tunnel import CloseCode
+from daemon.tunnel.frames import DEFAULT_WINDOW, decode_frame
 from gateway.redis_server import free_port
 from gateway.tunnel.types import Chunk, Failed, Finished, TunnelClosed
 from tests.integration.tunnel_harness import (
     RUNTIME,
+    body_of,
     collect,
     gateways,
     make_runner,
@@ -146,3 +148,28 @@ async def test_drain_finishes_in_flight_work_and_takes_none() -> None:
         assert await asyncio.wait_for(gw.closed.get(), 3) is session
         assert backend.open_streams == 0 and runner.in_flight == 0
         assert gw.hellos.empty()
+
+
+async def test_a_non_streamed_result_travels_in_one_frame_when_it_fits() -> None:
+    async with gateways() as (gw,):
+        runner, _, _ = make_runner([gw.url])
+        async with running(runner):
+            session = await gw.session()
+            conn = session._conn
+            assert conn.version == 2  # the version with Result frames
+            kinds: list[str] = []
+            receive = conn.receive_message
+
+            def recording(message: bytes | bytearray | memoryview) -> None:
+                kinds.append(type(decode_frame(bytes(message))).__name__)
+                receive(message)
+
+            conn.receive_message = recording  # type: ignore[method-assign]
+            small = await collect(await session.open(request({"size": 1000}, stream=False)))
+            assert small == [Chunk(b"r" * 1000), Finished(200)]
+            assert kinds == ["Result"]
+            kinds.clear()
+            size = DEFAULT_WINDOW  # more than one frame's payload (window / 2): in pieces
+            big = await collect(await session.open(request({"size": size}, stream=False)))
+            assert body_of(big) == b"r" * size and big[-1] == Finished(200)
+            assert kinds == ["Data", "Data", "End"]

@@ -1,4 +1,4 @@
-"""gateway.dispatch.http1 against real loopback servers that write hand-made responses."""
+"""daemon.http1 against real loopback servers that write hand-made responses."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from catalog.model import Upstream
-from gateway.dispatch.http1 import (
+from daemon.http1 import (
     ConnectError,
     ConnectTimeout,
     Http1Client,
@@ -29,7 +29,7 @@ from gateway.dispatch.http1 import (
     ReadTimeout,
     RemoteProtocolError,
 )
-from gateway.dispatch.http1.connection import Connection
+from daemon.http1.connection import Connection
 from gateway.dispatch.upstream import UpstreamClient
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.redis_server import free_port

@@ -352,6 +352,41 @@ async def test_cancel_reaches_the_holder(procs: Callable[[], Awaitable[Proc]]) -
     assert pending["pending"] == 0
 
 
+async def test_caller_leaving_during_open_cancels_the_dispatch(
+    procs: Callable[[], Awaitable[Proc]],
+) -> None:
+    # open() returns with the first events (its read is pipelined behind the enqueue): a
+    # caller that leaves before then must still stop the dispatch on the holder.
+    a, b = await procs(), await procs()
+    session = await b.hold(answer(Chunk(data=b"late"), Finished(status=200), delay=5.0))
+    opening = asyncio.create_task(a.dispatcher.open(request(stream=False)))
+    await eventually(lambda: len(session.handles) == 1)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await eventually(lambda: session.handles[0].cancelled)
+    await eventually(lambda: b.consumer.pumping() == 0)
+    pending = await a.redis.xpending(keys.runtime_queue(RUNTIME), keys.HOLDERS_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_finished_reply_streams_are_deleted_in_batches(
+    procs: Callable[[], Awaitable[Proc]],
+) -> None:
+    a, b = await procs(), await procs()
+    await b.hold(answer(Chunk(data=b"x"), Finished(status=200)))
+    a.dispatcher.reap_interval_s = 0.5
+    reqs = [request(stream=False) for _ in range(3)]
+    for req in reqs:
+        assert (await collect(await a.dispatcher.open(req)))[-1] == Finished(status=200)
+    replies = [keys.dispatch_reply(req.dispatch_id) for req in reqs]
+    assert await a.redis.exists(*replies) == 3  # not yet: one DEL per reap interval
+    end = time.monotonic() + 3.0
+    while await a.redis.exists(*replies):
+        assert time.monotonic() < end, "reply streams not deleted"
+        await asyncio.sleep(0.05)
+
+
 async def test_closed_tunnel_fails_remote_dispatch(procs: Callable[[], Awaitable[Proc]]) -> None:
     a, b = await procs(), await procs()
     session = await b.hold(endless(100, delay=0.05))
@@ -389,6 +424,28 @@ async def test_new_holder_reclaims_pending_entries(
     assert [r.dispatch_id for r in session.opened] == [live.dispatch_id]
     assert (await a.redis.xpending(queue, keys.HOLDERS_GROUP))["pending"] == 0
     assert await a.redis.xlen(queue) == 0
+
+
+async def test_a_dispatch_partly_relayed_by_a_dead_holder_is_not_run_again(
+    procs: Callable[[], Awaitable[Proc]],
+) -> None:
+    # A second run would append a second answer to the part the requester already has.
+    a, b = await procs(), await procs()
+    await b.hold(endless(100, delay=0.05))
+    handle = await a.dispatcher.open(request())
+    events = handle.__aiter__()
+    assert isinstance(await anext(events), Chunk)
+    await b.stop(crash=True)
+    await asyncio.sleep(PRESENCE_TTL_MS / 1000 + 0.2)  # B's keys expired
+    c = await procs()
+    session = await c.hold(answer(Chunk(data=b"again"), Finished(status=200)))
+    assert await c.consumer.reclaim([RUNTIME]) == 0  # dropped, not started
+    rest = await asyncio.wait_for(collect(events), 3.0)
+    assert Chunk(data=b"again") not in rest
+    assert isinstance(rest[-1], Failed) and rest[-1].code == "tunnel_closed"
+    assert session.opened == []
+    queue = keys.runtime_queue(RUNTIME)
+    assert (await a.redis.xpending(queue, keys.HOLDERS_GROUP))["pending"] == 0
 
 
 async def test_reclaim_takes_only_from_dead_holders(aredis: aioredis.Redis) -> None:

@@ -29,6 +29,7 @@ from daemon.tunnel.frames import (
     Hello,
     Ping,
     Pong,
+    Result,
     Welcome,
     decode_frame,
     encode_frame,
@@ -110,6 +111,7 @@ frames_strategy: st.SearchStrategy[Frame] = st.one_of(
     ),
     st.builds(Data, IDS, st.binary(min_size=1, max_size=3000)),
     st.builds(End, IDS, st.integers(100, 599)),
+    st.builds(Result, IDS, st.integers(100, 599), st.binary(max_size=3000)),
     st.builds(Fail, IDS, st.integers(100, 599), text, text),
     st.builds(Credit, IDS, st.integers(1, 2 * WINDOW)),
     st.builds(Cancel, IDS),
@@ -172,7 +174,9 @@ def test_arbitrary_frames_never_raise(role: str, opened: bool, frames: list[Fram
         ),
         max_size=8,
     ),
-    tag=st.sampled_from(["hello", "welcome", "dispatch", "data", "end", "fail", "credit", "ping"]),
+    tag=st.sampled_from(
+        ["hello", "welcome", "dispatch", "data", "end", "result", "fail", "credit", "ping"]
+    ),
 )
 def test_frames_breaking_constraints_close(role: str, values: list[Any], tag: str) -> None:
     conn, _ = handshake(role, True)
@@ -226,7 +230,7 @@ class Wire:
             frame = decode_frame(message)
             if isinstance(frame, Credit) and frame.id == dispatch_id:
                 total += frame.nbytes
-            elif isinstance(frame, Data) and frame.id == dispatch_id:
+            elif isinstance(frame, Data | Result) and frame.id == dispatch_id:
                 total += len(frame.payload)
         return total
 
@@ -283,7 +287,13 @@ def test_valid_interleavings_keep_credit_consistent(data: st.DataObject) -> None
                     w.unconsumed[did] -= n
         elif op == "end" and w.d.outbound:
             did = data.draw(st.sampled_from(sorted(w.d.outbound)))
-            if data.draw(st.booleans()):
+            how = data.draw(st.sampled_from(["end", "fail", "result"]))
+            room = min(w.d.credit(did), w.d.max_data)
+            if how == "result":  # the rest of the data and the end, in one frame
+                payload = data.draw(st.binary(max_size=room))
+                w.d.send_result(did, 200, payload)
+                w.sent[did] += payload
+            elif how == "end":
                 w.d.send_end(did, 200)
             else:
                 w.d.send_fail(did, 502, "x", "y")

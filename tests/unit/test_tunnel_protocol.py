@@ -34,6 +34,7 @@ from daemon.tunnel.frames import (
     Hello,
     Ping,
     Pong,
+    Result,
     Welcome,
     decode_frame,
     encode_frame,
@@ -146,12 +147,12 @@ def test_hello_and_welcome() -> None:
     g, d = gateway(heartbeat_s=2.0, dead_after_s=7.0), daemon()
     (hello,) = frames(d)
     assert isinstance(hello, Hello)
-    assert hello.versions == (1,) and hello.max_frame == d.max_frame
+    assert hello.versions == (1, 2) and hello.max_frame == d.max_frame
     g.receive_message(encode_frame(hello))
     (received,) = g.events_received()
-    assert received == ev.HelloReceived(hello, 1)
+    assert received == ev.HelloReceived(hello, 2)
     (welcome,) = frames(g)
-    assert welcome == Welcome(1, "lat_1", 2000, 7000, g.max_frame, WINDOW)
+    assert welcome == Welcome(2, "lat_1", 2000, 7000, g.max_frame, WINDOW)
     (welcomed,) = feed(d, welcome)
     assert welcomed == ev.Welcomed(welcome)
     assert d.heartbeat_s == 2.0 and d.dead_after_s == 7.0 and d.window == WINDOW
@@ -174,7 +175,7 @@ def test_no_common_version_is_refused() -> None:
 def test_welcome_with_a_version_not_offered_is_refused() -> None:
     d = daemon()
     d.data_to_send()
-    d.receive_message(encode_frame(welcome_frame(version=2)))
+    d.receive_message(encode_frame(welcome_frame(version=3)))
     assert_protocol_error(d, CloseCode.UNSUPPORTED_VERSION)
 
 
@@ -270,6 +271,7 @@ def test_send_methods_check_role_and_phase() -> None:
         Hello((1,), "x", (), (), None, 1, 1 << 20),
         Data("dsp_1", b"x"),
         End("dsp_1", 200),
+        Result("dsp_1", 200, b"x"),
         Fail("dsp_1", 500, "c", "m"),
         Drain(),
     ],
@@ -724,3 +726,72 @@ def test_daemon_uses_the_welcomes_heartbeat() -> None:
     assert isinstance(frames(d)[0], Ping)
     d.tick(3.0)
     assert isinstance(d.events_received()[0], ev.PeerDead)
+
+
+# -- Result frames (protocol version 2) ----------------------------------------------------------
+
+
+def test_a_result_is_data_then_end_in_one_frame() -> None:
+    g, d = pair()
+    assert g.version == d.version == 2 and d.results
+    dispatch(g, d, stream=False)
+    d.send_result("dsp_1", 200, b'{"ok": true}')
+    assert frames(d) == [Result("dsp_1", 200, b'{"ok": true}')]
+    dispatch(g, d, "dsp_2", stream=False)
+    d.send_result("dsp_2", 201, b"body")
+    events = relay(d, g)
+    assert events == [ev.DataReceived("dsp_2", b"body"), ev.DispatchEnded("dsp_2", 201, False)]
+    assert g.in_flight == 1 and d.in_flight == 0  # dsp_1's Result was taken, not delivered
+    g.consumed("dsp_2", 4)  # after the end: a no-op, as after Data then End
+    assert g.data_to_send() == []
+
+
+def test_an_empty_result_is_just_the_end() -> None:
+    g, d = pair()
+    dispatch(g, d, stream=False)
+    d.send_result("dsp_1", 204, b"")
+    assert relay(d, g) == [ev.DispatchEnded("dsp_1", 204, False)]
+
+
+def test_result_obeys_the_rules_of_data() -> None:
+    g, d = pair()
+    dispatch(g, d, stream=False)
+    with pytest.raises(FrameTooLarge):
+        d.send_result("dsp_1", 200, b"x" * (HALF + 1))
+    d.send_data("dsp_1", b"x" * HALF)
+    d.send_data("dsp_1", b"x" * (HALF - 1))
+    with pytest.raises(FlowControlError):
+        d.send_result("dsp_1", 200, b"yy")
+    with pytest.raises(UnknownDispatch):
+        d.send_result("dsp_x", 200, b"")
+    with pytest.raises(ValueError):
+        d.send_result("dsp_1", 99, b"")
+    d.send_result("dsp_1", 200, b"y")  # within credit: fine, and it ends the dispatch
+    assert d.in_flight == 0
+    relay(d, g)
+    assert g.in_flight == 0
+
+
+def test_gateway_refuses_a_result_beyond_the_credit_or_for_unknown_ids() -> None:
+    g, d = pair()
+    dispatch(g, d, stream=False)
+    feed(g, Data("dsp_1", b"x" * (WINDOW - 1)))
+    g.receive_message(encode_frame(Result("dsp_1", 200, b"yy")))
+    assert "flow control" in assert_protocol_error(g)
+    g, d = pair()
+    g.receive_message(encode_frame(Result("dsp_x", 200, b"")))
+    assert "not open on this tunnel" in assert_protocol_error(g)
+
+
+def test_result_frames_need_version_2() -> None:
+    g = Connection("gateway", runtime_id="lat_1", window=WINDOW, versions=(1,))
+    d = daemon()
+    relay(d, g)
+    relay(g, d)
+    assert g.version == d.version == 1 and not d.results
+    dispatch(g, d, stream=False)
+    with pytest.raises(InvalidState):
+        d.send_result("dsp_1", 200, b"x")
+    assert d.in_flight == 1 and d.credit("dsp_1") == WINDOW  # nothing spent
+    g.receive_message(encode_frame(Result("dsp_1", 200, b"x")))
+    assert "version 1" in assert_protocol_error(g)

@@ -14,15 +14,15 @@ import ssl
 from collections import deque
 from typing import Final
 
-from gateway.dispatch.http1.connection import IDLE, Connection
-from gateway.dispatch.http1.errors import (
+from daemon.http1.connection import IDLE, Connection
+from daemon.http1.errors import (
     ClosedBeforeResponse,
     ConnectError,
     ConnectTimeout,
     HttpClientError,
 )
-from gateway.dispatch.http1.request import HeaderInput, Origin, serialize_request
-from gateway.dispatch.http1.response import Response
+from daemon.http1.request import HeaderInput, Origin, serialize_request
+from daemon.http1.response import Response
 
 __all__ = ["Http1Client"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from types import TracebackType
 
-from gateway.dispatch.http1.connection import DONE, Connection
+from daemon.http1.connection import DONE, Connection
 
 __all__ = ["Response"]
 

@@ -1,4 +1,6 @@
-"""A lean asyncio HTTP/1.1 client for the gateway's hot path (talking to upstreams).
+"""A lean asyncio HTTP/1.1 client for hot paths: the gateway talking to its upstreams, the
+daemon talking to its local backend (it lives under ``daemon/`` because the daemon never
+imports ``gateway``, while the gateway may import ``daemon``).
 
 Built on :class:`asyncio.Protocol` and ``httptools.HttpResponseParser`` (llhttp), with:
 
@@ -18,22 +20,22 @@ request line, ``Host``, ``Content-Length``, ``Connection: keep-alive`` and the c
 headers only. ``HEAD`` responses are supported (their connection is not reused);
 ``Expect: 100-continue`` and upgrades are not.
 
-Modules: :mod:`~gateway.dispatch.http1.client` (:class:`Http1Client`: the pool and
-``request``), :mod:`~gateway.dispatch.http1.connection` (one connection: protocol and parser
-callbacks, body buffer, flow control), :mod:`~gateway.dispatch.http1.response`
-(:class:`Response`: body read whole, as chunks or as lines), :mod:`~gateway.dispatch.http1.request`
-(URL origin and request serialization, pure) and :mod:`~gateway.dispatch.http1.errors`.
+Modules: :mod:`~daemon.http1.client` (:class:`Http1Client`: the pool and ``request``),
+:mod:`~daemon.http1.connection` (one connection: protocol and parser callbacks, body buffer,
+flow control), :mod:`~daemon.http1.response` (:class:`Response`: body read whole, as chunks
+or as lines), :mod:`~daemon.http1.request` (URL origin and request serialization, pure) and
+:mod:`~daemon.http1.errors`.
 """
 
-from gateway.dispatch.http1.client import Http1Client
-from gateway.dispatch.http1.errors import (
+from daemon.http1.client import Http1Client
+from daemon.http1.errors import (
     ConnectError,
     ConnectTimeout,
     HttpClientError,
     ReadTimeout,
     RemoteProtocolError,
 )
-from gateway.dispatch.http1.response import Response
+from daemon.http1.response import Response
 
 __all__ = [
     "ConnectError",

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from gateway.dispatch.http1.errors import ClosedBeforeResponse, ReadTimeout, RemoteProtocolError
+from daemon.http1.errors import ClosedBeforeResponse, ReadTimeout, RemoteProtocolError
 
 if TYPE_CHECKING:
-    from gateway.dispatch.http1.client import Http1Client
+    from daemon.http1.client import Http1Client
 
 __all__ = ["BODY", "DONE", "IDLE", "WAITING", "Connection"]
 
