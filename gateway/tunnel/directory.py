@@ -2,8 +2,12 @@
 (:class:`gateway.dispatch.plan.RuntimeView`).
 
 ``find`` is one Redis round trip whatever the answer (a foreign runtime costs what a missing
-one costs). ``online`` is on the path of every request for a canonical model, so it never waits
-for Redis when it has a recent answer: each process keeps a workspace's online runtimes, serves
+one costs), except for a runtime of the caller's own workspace that this process holds, or
+found within the last second (dropped at once by ``runtime-presence:<workspace>`` and
+``runtime-revoked:<id>``).
+
+``online`` is on the path of every request for a canonical model, so it never waits for
+Redis when it has a recent answer: each process keeps a workspace's online runtimes, serves
 them fresh for ``ttl_s`` (1 s), and for up to ``stale_s`` (10 s) serves the copy it has while
 one background read replaces it (stale-while-revalidate). A sparse caller - one request every
 few seconds, each one a stream - thus pays no round trip, and a busy one sees a change within
@@ -55,18 +59,32 @@ class RuntimeDirectory:
         #: store what it found (one counter for all workspaces; such a read is merely not kept)
         self._generation = 0
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        #: (workspace, runtime id) -> (read at, record) of runtimes found in Redis
+        self._found: dict[tuple[str, str], tuple[float, RuntimeRecord]] = {}
 
     async def find(self, workspace: str, runtime_id: str) -> RuntimeRecord | None:
         # A runtime whose tunnel this process holds for this very workspace is known without
-        # a Redis read (the local fast path). Any other id - foreign, unknown, held elsewhere -
-        # takes the one read, so a foreign id still costs what an unknown one costs.
+        # a Redis read (the local fast path). A runtime of this workspace held elsewhere that
+        # was found within ``ttl_s`` is known too (dropped at once by a presence or revocation
+        # event). Any other id - foreign, unknown - takes the one read every time, so a
+        # foreign id still costs what an unknown one costs.
         if self._local is not None:
             held = self._local(runtime_id)
             if held is not None and held.workspace == workspace:
                 return held
+        key = (workspace, runtime_id)
+        hit = self._found.get(key)
+        if hit is not None and self._clock() - hit[0] < self._ttl:
+            return hit[1]
+        generation = self._generation
+        read_at = self._clock()
         record = await self._store.get(workspace, runtime_id)
         if record is None or record.revoked_ms is not None:
             return None
+        if self._generation == generation:  # no presence or revocation event meanwhile
+            if len(self._found) > 10_000:
+                self._found.clear()
+            self._found[key] = (read_at, record)
         return record
 
     async def online(self, workspace: str) -> tuple[RuntimeRecord, ...]:
@@ -108,6 +126,14 @@ class RuntimeDirectory:
     def invalidate(self, workspace: str) -> None:
         self._online.pop(workspace, None)
         self._generation += 1
+        for key in [k for k in self._found if k[0] == workspace]:
+            del self._found[key]
+
+    def forget_runtime(self, runtime_id: str) -> None:
+        """A runtime was revoked: never answer from a copy of its record again."""
+        self._generation += 1
+        for key in [k for k in self._found if k[1] == runtime_id]:
+            del self._found[key]
 
     async def aclose(self) -> None:
         """Cancel background reads still under way."""

@@ -187,7 +187,9 @@ class TunnelHost:
             return True
         if not text.startswith(RUNTIME_REVOKED_EVENT):
             return False
-        session = self.registry.local(text[len(RUNTIME_REVOKED_EVENT) :])
+        runtime_id = text[len(RUNTIME_REVOKED_EVENT) :]
+        self.directory.forget_runtime(runtime_id)
+        session = self.registry.local(runtime_id)
         if isinstance(session, GatewayTunnelSession):
             task = asyncio.create_task(session.close("revoked", code=CloseCode.REVOKED))
             self._tasks.append(task)

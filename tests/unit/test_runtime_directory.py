@@ -15,10 +15,17 @@ class Store:
     """Counts reads; ``gate`` (when set) holds each read until released."""
 
     def __init__(self) -> None:
+        self.gets = 0
         self.reads = 0
         self.online: list[RuntimeRecord] = []
         self.gate: asyncio.Event | None = None
         self.fail = False
+
+    async def get(self, workspace: str, runtime_id: str) -> RuntimeRecord | None:
+        self.gets += 1
+        return next(
+            (r for r in self.online if r.workspace == workspace and r.id == runtime_id), None
+        )
 
     async def list_with_status(self, workspace: str) -> list[tuple[RuntimeRecord, str]]:
         self.reads += 1
@@ -111,3 +118,34 @@ async def test_failed_background_read_keeps_the_copy_and_logs() -> None:
     await settle()
     assert [r.id for r in await d.online("ws")] == ["lat_a"]
     await d.aclose()
+
+
+async def test_find_keeps_own_runtimes_for_a_second_and_never_foreign_ones() -> None:
+    store, now = Store(), [100.0]
+    store.online = [record("lat_a")]
+    d = directory(store, now)
+    assert (await d.find("ws", "lat_a")) is not None
+    assert (await d.find("ws", "lat_a")) is not None
+    assert store.gets == 1
+    for _ in range(2):  # another workspace's id, or an unknown one: one read every time
+        assert await d.find("other", "lat_a") is None
+        assert await d.find("ws", "lat_zz") is None
+    assert store.gets == 5
+    now[0] += 1.5
+    await d.find("ws", "lat_a")
+    assert store.gets == 6
+
+
+async def test_find_forgets_on_revocation_and_presence_events() -> None:
+    store, now = Store(), [100.0]
+    store.online = [record("lat_a")]
+    d = directory(store, now)
+    await d.find("ws", "lat_a")
+    store.online = []  # revoked (the store no longer answers it)
+    d.forget_runtime("lat_a")
+    assert await d.find("ws", "lat_a") is None
+    store.online = [record("lat_a")]
+    await d.find("ws", "lat_a")
+    d.handle_event("runtime-presence:ws")
+    await d.find("ws", "lat_a")
+    assert store.gets == 4
