@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -96,21 +97,32 @@ class Gateway:
         self.started = True
 
     async def stop(self) -> None:
+        """Stop every part, in order. A part that cannot reach Redis on the way out (it is
+        gone, or going) is logged and the next part still stops: usage records not shipped
+        stay in the spool for the next process, presence keys expire by themselves."""
         self.started = False
-        await self.tunnels.stop()
+        await self._stop_step("tunnels", self.tunnels.stop)
         if self._events_task is not None:
             self._events_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._events_task
-        await self.catalog.stop()
-        await self.upstreams.close()
+        await self._stop_step("catalog", self.catalog.stop)
+        await self._stop_step("upstreams", self.upstreams.close)
         if self.jwt is not None:
-            await self.jwt.close()
-        await self.spend.drain()
-        await self.ledger.stop()
+            await self._stop_step("jwt", self.jwt.close)
+        await self._stop_step("spend", self.spend.drain)
+        await self._stop_step("ledger", self.ledger.stop)
         if self.spool is not None:
-            await self.spool.stop()  # ships what it can while Redis is still open
-        await self.redis.aclose()
+            # ships what it can while Redis is still open
+            await self._stop_step("spool", self.spool.stop)
+        await self._stop_step("redis", self.redis.aclose)
+
+    @staticmethod
+    async def _stop_step(name: str, step: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await step()
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("part stopped without Redis", extra={"part": name, "error": repr(exc)})
 
     async def ready(self) -> bool:
         try:

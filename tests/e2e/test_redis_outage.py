@@ -5,6 +5,7 @@ with its data (AOF)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -75,3 +76,36 @@ def test_gateway_survives_a_redis_outage(tmp_path: Path) -> None:
             gateway.stop()
         sim.stop()
         redis.stop()
+
+
+def test_gateway_stops_cleanly_when_redis_is_already_gone(tmp_path: Path) -> None:
+    """SIGTERM after Redis went away: every part still stops, the process exits at once
+    and logs warnings, not a failed shutdown."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    port = free_port()
+    log_file = tmp_path / "gateway.log"
+    gateway = Child(
+        "gateway",
+        python_module("gateway.cli.main", "serve", "--port", str(port)),
+        env={
+            "LATTICE_REDIS_URL": redis.url,
+            "LATTICE_LOG_LEVEL": "warning",
+            "LATTICE_SPOOL_DIR": str(tmp_path / "spool"),
+        },
+        log_file=log_file,
+    )
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 60, gateway.proc)
+        redis.stop()
+        started = time.monotonic()
+        gateway.proc.send_signal(signal.SIGTERM)
+        # uvicorn ends by re-raising the signal it handled: killed by SIGTERM, after cleanup
+        assert gateway.proc.wait(15) in (0, -signal.SIGTERM)
+        assert time.monotonic() - started < 10
+    finally:
+        gateway.stop()
+        redis.stop()
+    text = log_file.read_text()
+    assert "Application shutdown failed" not in text
+    assert "part stopped without Redis" in text
