@@ -100,6 +100,21 @@ def request(stack: Stack, body: bytes = BODY, *, extra: str = "", version: str =
     ).encode() + body
 
 
+def chunked_request(stack: Stack, body: bytes, chunk: int) -> bytes:
+    """A chat request whose body is sent with chunked transfer encoding, ``chunk`` bytes a
+    chunk."""
+    parts = (body[i : i + chunk] for i in range(0, len(body), chunk))
+    return (
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: Bearer {stack.api_key}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+        + b"0\r\n\r\n"
+    )
+
+
 @GATEWAYS
 def test_keep_alive_serves_many_requests_on_one_connection(
     stack: Stack, conn_to: object, gateway: int
@@ -148,17 +163,7 @@ def test_expect_100_continue(stack: Stack, conn_to: object, gateway: int) -> Non
 @GATEWAYS
 def test_chunked_request_body(stack: Stack, conn_to: object, gateway: int) -> None:
     conn = conn_to(gateway)  # type: ignore[operator]
-    half = len(BODY) // 2
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (BODY[:half], BODY[half:]))
-    conn.send(
-        (
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-            f"Authorization: Bearer {stack.api_key}\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n"
-        ).encode()
-        + chunks
-        + b"0\r\n\r\n"
-    )
+    conn.send(chunked_request(stack, BODY, len(BODY) // 2))
     status, _, payload = conn.response()
     assert status == 200, payload
 
@@ -185,19 +190,7 @@ def test_body_over_the_limit_is_413_and_the_connection_survives(
 ) -> None:
     conn = conn_to(gateway)  # type: ignore[operator]
     big = b'{"model":"x","messages":[],"pad":"' + b"a" * (300 * 1024) + b'"}'
-    chunks = b"".join(
-        b"%x\r\n%s\r\n" % (len(big[i : i + 65536]), big[i : i + 65536])
-        for i in range(0, len(big), 65536)
-    )
-    conn.send(
-        (
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-            f"Authorization: Bearer {stack.api_key}\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n"
-        ).encode()
-        + chunks
-        + b"0\r\n\r\n"
-    )
+    conn.send(chunked_request(stack, big, 65536))
     status, _, payload = conn.response()
     assert status == 413
     assert json.loads(payload)["error"]["code"] == "request_too_large"

@@ -175,6 +175,15 @@ def slow_stream(stack: Stack, gateway: int = 0) -> AbstractContextManager[httpx.
     )
 
 
+def assert_upstream_saw_the_disconnect(stack: Stack, closed: float) -> None:
+    """The upstream saw its connection close within half a second of ``closed``."""
+    deadline = closed + 2.0
+    while not stack.upstream.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stack.upstream.disconnects, "upstream never saw the disconnect"
+    assert stack.upstream.disconnects[0] - closed < 0.5
+
+
 @pytest.mark.parametrize("gateway", [0, 1], ids=["front-door", "asgi"])
 def test_client_disconnect_cancels_upstream(scripted: Stack, gateway: int) -> None:
     scripted.upstream.disconnects.clear()
@@ -182,12 +191,7 @@ def test_client_disconnect_cancels_upstream(scripted: Stack, gateway: int) -> No
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert all(line.startswith("data: ") or line == "" for line in got)
-    closed = time.monotonic()
-    deadline = closed + 2.0
-    while not scripted.upstream.disconnects and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert scripted.upstream.disconnects, "upstream never saw the disconnect"
-    assert scripted.upstream.disconnects[0] - closed < 0.5
+    assert_upstream_saw_the_disconnect(scripted, time.monotonic())
 
 
 @pytest.mark.parametrize("gateway", [0, 1], ids=["front-door", "asgi"])
@@ -214,12 +218,7 @@ def test_disconnect_with_a_request_pipelined_behind_the_stream(
         got = b""
         while got.count(b"data: ") < 2:
             got += sock.recv(65536)
-    closed = time.monotonic()
-    deadline = closed + 2.0
-    while not scripted.upstream.disconnects and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert scripted.upstream.disconnects, "upstream never saw the disconnect"
-    assert scripted.upstream.disconnects[0] - closed < 0.5
+    assert_upstream_saw_the_disconnect(scripted, time.monotonic())
 
 
 def test_upstream_dying_mid_stream_ends_with_error_event(scripted: Stack) -> None:
