@@ -161,7 +161,7 @@ class Gateway:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     def _set_cache_ttl(self, ttl_s: float | None) -> None:
         self.apikeys.set_cache_ttl(ttl_s)
