@@ -143,6 +143,12 @@ class Connection:
         out, self._out = self._out, []
         return out
 
+    @property
+    def wants_write(self) -> bool:
+        """Whether :meth:`data_to_send` has something (so the I/O side wakes its writer only
+        when there is work for it)."""
+        return bool(self._out)
+
     def tick(self, now: float) -> None:
         """Advance time to ``now`` (any monotonic clock, in seconds): send a Ping after
         ``heartbeat_s`` of send-silence, declare the peer dead (PeerDead, CLOSED) after

@@ -30,7 +30,7 @@ import builtins
 import hmac
 import importlib.resources
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
@@ -66,6 +66,8 @@ RUNTIME_REVOKED_EVENT = "runtime-revoked:"
 #: Read in place of a malformed id, so that a bad id costs the same round trip as a good one.
 _PLACEHOLDER_ID = "lat_" + "a" * 16
 _SECRET_FIELDS = ("cred_sha256", "boot_sha256", "boot_expires_ms")
+#: Runtimes per pipeline in :meth:`RuntimeStore.touch_many`.
+_TOUCH_BATCH = 500
 
 
 def _lua(name: str) -> str:
@@ -235,6 +237,19 @@ class RuntimeStore:
     async def touch(self, runtime_id: str, now_ms: int) -> bool:
         """Record a sign of life (heartbeat); ``False`` if there is no such runtime."""
         return await self._update_fields(runtime_id, {"last_seen_ms": now_ms})
+
+    async def touch_many(self, runtime_ids: Iterable[str], now_ms: int) -> None:
+        """:meth:`touch` for many runtimes, pipelined (the holder's periodic refresh)."""
+        ids = [r for r in runtime_ids if RUNTIME_ID_RE.fullmatch(r)]
+        for start in range(0, len(ids), _TOUCH_BATCH):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for runtime_id in ids[start : start + _TOUCH_BATCH]:
+                    await self._update(
+                        keys=[keys.runtime(runtime_id)],
+                        args=[1, "last_seen_ms", now_ms],
+                        client=pipe,
+                    )
+                await pipe.execute()
 
     # -- the owner's side ------------------------------------------------------------------
 

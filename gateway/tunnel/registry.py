@@ -50,7 +50,7 @@ def _lua(name: str) -> str:
 _CLAIM_LUA = _lua("holder_claim.lua")
 _REFRESH_LUA = _lua("holder_refresh.lua")
 _RELEASE_LUA = _lua("holder_release.lua")
-#: Presence refreshes per pipeline (each is one small script call).
+#: Runtimes per presence-refresh script call (``holder_refresh.lua``).
 _REFRESH_BATCH = 500
 
 
@@ -162,16 +162,13 @@ class TunnelRegistry:
             keys.gateway_alive(self.process_id), self.process_id, px=self.presence_ttl_ms
         )
         lost: list[tuple[str, TunnelSession]] = []
+        args: list[str | int] = [self.process_id, self.presence_ttl_ms, keys.DISPATCH_QUEUE_TTL_MS]
         for start in range(0, len(held), _REFRESH_BATCH):
             batch = held[start : start + _REFRESH_BATCH]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for runtime_id, _ in batch:
-                    await self._refresh(
-                        keys=[keys.runtime_holder(runtime_id), keys.runtime_queue(runtime_id)],
-                        args=[self.process_id, self.presence_ttl_ms, keys.DISPATCH_QUEUE_TTL_MS],
-                        client=pipe,
-                    )
-                results = await pipe.execute()
+            batch_keys: list[str] = []
+            for runtime_id, _ in batch:
+                batch_keys += [keys.runtime_holder(runtime_id), keys.runtime_queue(runtime_id)]
+            results = await self._refresh(keys=batch_keys, args=args)
             lost.extend(item for item, ok in zip(batch, results, strict=True) if not ok)
         for runtime_id, session in lost:
             if self._sessions.get(runtime_id) is session:

@@ -38,6 +38,7 @@ from daemon.tunnel.frames import (
     Hello,
     websocket_close_code,
 )
+from gateway.tunnel.ticker import SessionTicker
 from gateway.tunnel.types import (
     Chunk,
     DispatchEvent,
@@ -47,7 +48,7 @@ from gateway.tunnel.types import (
     TunnelClosed,
 )
 
-__all__ = ["GatewayTunnelSession", "RuntimeInfo", "SessionHandle", "serve_tunnel"]
+__all__ = ["GatewayTunnelSession", "RuntimeInfo", "SessionHandle", "serve_tunnel", "tick_interval"]
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ class GatewayTunnelSession:
     def _consumed(self, dispatch_id: str, nbytes: int) -> None:
         with contextlib.suppress(TunnelUsageError):
             self._conn.consumed(dispatch_id, nbytes)
-            self._output.set()
+            if self._conn.wants_write:  # credit goes back in batches, not per chunk
+                self._output.set()
 
     def _cancel(self, dispatch_id: str) -> None:
         self._handles.pop(dispatch_id, None)
@@ -268,7 +270,8 @@ class GatewayTunnelSession:
                 self._end("The runtime's tunnel failed (protocol error).")
         if self._conn.closed:
             self._end(self._end_reason or "The runtime's tunnel closed.")
-        self._output.set()
+        if self._conn.wants_write:
+            self._output.set()
 
     async def _read(self, receive: Receive) -> None:
         while not self._ended.is_set():
@@ -293,12 +296,17 @@ class GatewayTunnelSession:
                 for data in self._conn.data_to_send():
                     await self._send({"type": "websocket.send", "bytes": data})
 
-    async def _tick(self, interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._ended.is_set():
-            self._conn.tick(loop.time())
-            self._on_events(self._conn.events_received())
-            await asyncio.sleep(interval)
+    def tick(self, now: float) -> None:
+        """Advance the protocol's clock (the process's :class:`SessionTicker` calls this)."""
+        if self._ended.is_set():
+            return
+        self._conn.tick(now)
+        self._on_events(self._conn.events_received())
+
+
+def tick_interval(heartbeat_s: float, dead_after_s: float) -> float:
+    """How often a session must be ticked for these heartbeat terms (see serve_tunnel)."""
+    return min(heartbeat_s / 2, dead_after_s / 8, 1.0)
 
 
 def _result(event: ev.DispatchEnded | ev.DispatchFailed) -> DispatchEvent:
@@ -337,6 +345,7 @@ async def serve_tunnel(
     window: int = DEFAULT_WINDOW,
     max_frame: int = DEFAULT_GATEWAY_MAX_FRAME,
     hello_timeout_s: float = 10.0,
+    ticker: SessionTicker | None = None,
 ) -> None:
     """Serve one daemon's tunnel on an ASGI ``websocket`` scope (see the module docstring).
 
@@ -344,7 +353,9 @@ async def serve_tunnel(
     daemon retries later, whereas a ``None`` (bad or revoked credential) is a 403 that makes
     it stop. ``on_closed`` runs only for a session that reached ``on_hello``.
 
-    Heartbeats tick every ``min(heartbeat_s / 2, dead_after_s / 8, 1 s)``, and the protocol
+    Heartbeats tick every ``min(heartbeat_s / 2, dead_after_s / 8, 1 s)`` (``ticker``: the
+    process's shared :class:`SessionTicker`, which should tick at that interval; without one
+    the session gets a ticker of its own), and the protocol
     dates a receipt by the tick after it, so a silent daemon is declared dead at most
     ``dead_after_s`` + two ticks after its last frame: 14 s with the defaults (issue 3 asks
     for 15). A daemon whose process dies is noticed at once: its OS closes the socket.
@@ -367,14 +378,16 @@ async def serve_tunnel(
     )
     session = GatewayTunnelSession(conn, send, runtime)
     session._main = asyncio.current_task()
-    tick_s = min(heartbeat_s / 2, dead_after_s / 8, 1.0)
+    own_ticker = ticker is None
+    if ticker is None:
+        ticker = SessionTicker(tick_interval(heartbeat_s, dead_after_s), slots=1)
     tasks = [
         asyncio.create_task(session._read(receive)),
         asyncio.create_task(session._write()),
-        asyncio.create_task(session._tick(tick_s)),
     ]
-    for task in tasks[:2]:  # a pump that stops (socket gone) ends the tunnel
+    for task in tasks:  # a pump that stops (socket gone) ends the tunnel
         task.add_done_callback(lambda _: session._end("The runtime's connection closed."))
+    ticker.add(session)
     greeted = False
     try:
         async with asyncio.timeout(hello_timeout_s):
@@ -392,6 +405,9 @@ async def serve_tunnel(
         conn.close(CloseCode.PROTOCOL_ERROR, "no hello")
         session._end("no hello")
     finally:
+        ticker.discard(session)
+        if own_ticker:
+            await ticker.aclose()
         session._end(session._end_reason or "The runtime's tunnel closed.")
         await _shut(session, conn, send, tasks)
         session._finished.set()

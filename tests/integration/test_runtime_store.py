@@ -266,6 +266,19 @@ async def test_record_hello_and_touch(store: RuntimeStore, aredis: aioredis.Redi
     assert not await aredis.exists(keys.runtime(ghost))
 
 
+async def test_touch_many_refreshes_last_seen_in_batches(
+    store: RuntimeStore, aredis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.runtimes.store._TOUCH_BATCH", 2)
+    records = [(await store.create("acme", f"box {i}"))[0] for i in range(5)]
+    ghost = "lat_" + "y" * 16
+    await store.touch_many([*(r.id for r in records), ghost, "bad id"], 1_700_000_009_000)
+    for record in records:
+        got = await store.get("acme", record.id)
+        assert got is not None and got.last_seen_ms == 1_700_000_009_000
+    assert not await aredis.exists(keys.runtime(ghost))  # never creates a record
+
+
 async def test_pair_device_issues_once(
     store: RuntimeStore, aredis: aioredis.Redis, clock: Clock
 ) -> None:
