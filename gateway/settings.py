@@ -39,6 +39,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tunnel_dead_after_s: float = 12.0
     #: A personal runtime's deadline for one dispatch (504 personal_lattice_execution_timeout).
     runtime_timeout_s: float = 120.0
+    #: The gateway's URL as its clients reach it (``https://gw.example.com``), for the absolute
+    #: URLs it hands out (RFC 8628 ``verification_uri``); empty: taken from each request.
+    public_url: str = ""
+    #: Addresses of reverse proxies whose ``X-Forwarded-For``/``-Proto`` are believed (comma
+    #: separated, CIDRs allowed, ``*`` for any; uvicorn's ``forwarded_allow_ips``). The client
+    #: address they give keys the per-address limits (pairing's user-code guessing).
+    forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
     #: Log as JSON lines (one object per line, carrying the request id).
     log_json: bool = True
@@ -77,6 +84,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object)
         "LATTICE_TUNNEL_HEARTBEAT_S": ("tunnel_heartbeat_s", float),
         "LATTICE_TUNNEL_DEAD_AFTER_S": ("tunnel_dead_after_s", float),
         "LATTICE_RUNTIME_TIMEOUT_S": ("runtime_timeout_s", float),
+        "LATTICE_PUBLIC_URL": ("public_url", str),
+        "LATTICE_FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", str),
         "LATTICE_LOG_LEVEL": ("log_level", str),
         "LATTICE_LOG_JSON": ("log_json", _bool),
     }

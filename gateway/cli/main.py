@@ -26,6 +26,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.front.protocol import LatticeHttpProtocol
+    from gateway.settings import settings_from_env
 
     os.environ["LATTICE_HOST"] = args.host
     os.environ["LATTICE_PORT"] = str(args.port)
@@ -45,6 +46,8 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         # the tunnel has its own heartbeats (daemon/tunnel): no second ping per WebSocket
         ws_ping_interval=None,
+        proxy_headers=True,
+        forwarded_allow_ips=settings_from_env().forwarded_allow_ips,
     )
     return 0
 

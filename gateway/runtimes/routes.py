@@ -107,6 +107,8 @@ def _oauth_response(result: OAuthResponse) -> Response[bytes]:
 
 
 def _address(request: Request[Any, Any, Any]) -> str:
+    """The client's address: the socket peer, or what a trusted proxy (``forwarded_allow_ips``)
+    said in ``X-Forwarded-For`` (uvicorn rewrites the scope's client before we see it)."""
     client = request.client
     return client.host if client is not None else "unknown"
 
@@ -155,7 +157,9 @@ def runtime_routes(
         form = await form_of(request)
         if isinstance(form, OAuthResponse):
             return _oauth_response(form)
-        base = str(request.base_url).rstrip("/")
+        # Behind a proxy the request's own URL is the proxy's upstream, not what the user's
+        # browser can open: the configured public URL wins.
+        base = (gw.settings.public_url or str(request.base_url)).rstrip("/")
         return _oauth_response(await pairing.device_authorization(form, base + "/device"))
 
     @post("/v1/oauth/token", status_code=200)

@@ -39,10 +39,23 @@ class Clock:
 
 
 class RuntimesServer:
-    def __init__(self, redis_url: str, port: int) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        port: int,
+        *,
+        public_url: str = "",
+        forwarded_allow_ips: str = "127.0.0.1",
+    ) -> None:
         self.clock = Clock()
         self.gateway = Gateway(
-            Settings(redis_url=redis_url, metering=False, seed_catalog=False, log_json=False)
+            Settings(
+                redis_url=redis_url,
+                metering=False,
+                seed_catalog=False,
+                log_json=False,
+                public_url=public_url,
+            )
         )
         redis = self.gateway.redis
         self.gateway.runtimes = RuntimeStore(redis, clock=self.clock)
@@ -62,7 +75,14 @@ class RuntimesServer:
             logging_config=None,
         )
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", loop="asyncio"
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan="off",
+            log_level="warning",
+            loop="asyncio",
+            proxy_headers=True,  # as `lattice serve` runs it
+            forwarded_allow_ips=forwarded_allow_ips,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="runtimes-http", daemon=True)
