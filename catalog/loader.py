@@ -217,7 +217,7 @@ def _parse(name: str, content: bytes | str) -> Any:
             except ImportError:
                 raise CatalogError("", "YAML catalogs need PyYAML installed") from None
             return yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+    except (tomllib.TOMLDecodeError, msgspec.DecodeError, RecursionError) as exc:
         raise CatalogError("", f"cannot parse: {exc}") from None
     raise CatalogError("", "unsupported file type (use .toml, .json, .yaml)")
 

@@ -192,7 +192,7 @@ class DispatchVerifier:
             raise DispatchRefused("bad_signature") from None
         try:
             claims = _decode_claims(_b64url_decode(payload_b64))
-        except (binascii.Error, msgspec.DecodeError):
+        except (binascii.Error, msgspec.DecodeError, RecursionError):
             raise DispatchRefused("malformed") from None
         self._check_issuer_and_lifetime(claims)
         audience = [claims.aud] if isinstance(claims.aud, str) else claims.aud
@@ -236,7 +236,7 @@ class DispatchVerifier:
     def _header(segment: str) -> _Header:
         try:
             header = _decode_header(_b64url_decode(segment))
-        except (binascii.Error, msgspec.DecodeError):
+        except (binascii.Error, msgspec.DecodeError, RecursionError):
             raise DispatchRefused("malformed") from None
         if header.alg != "ES256":
             raise DispatchRefused("bad_algorithm")
@@ -342,7 +342,7 @@ def http_jwks_fetcher(
             raise JwksFetchError(f"GET {jwks_url}: HTTP {status}")
         try:
             jwks = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise JwksFetchError(f"GET {jwks_url}: not JSON") from exc
         if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
             raise JwksFetchError(f"GET {jwks_url}: not a JWK Set")

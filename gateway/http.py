@@ -131,7 +131,7 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
     try:
         body = _decoder.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}).", code="invalid_json"
         ) from None

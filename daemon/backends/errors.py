@@ -140,7 +140,7 @@ def _openai_error(body: bytes) -> dict[str, Any] | None:
     """The ``error`` object of an OpenAI error envelope, if ``body`` is one."""
     try:
         data = _decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if isinstance(data, dict):
         error = data.get("error")

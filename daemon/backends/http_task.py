@@ -83,7 +83,7 @@ class HttpTaskBackend:
             return body
         try:
             request: Any = _decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return body  # the gateway validated it against the class's schema: pass it on
         if not isinstance(request, dict) or "model" not in request:
             return body

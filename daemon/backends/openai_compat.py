@@ -104,7 +104,7 @@ async def _list_models(
         return None
     try:
         return tuple(card.id for card in _decode_models(body).data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -160,7 +160,7 @@ class OpenAICompatBackend:
         reply = await get_json(self._http(), url, self._timeouts)
         try:
             local = tuple(card.id for card in _decode_models(reply.body).data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise BadBackendReply(f"The local backend at {url} sent no model list.") from exc
         self._default = pick_default(self._map, self._configured_default, local)
         return Advertisement(
@@ -199,7 +199,7 @@ class OpenAICompatBackend:
             )
         try:
             request = _decode_object(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise BackendRejected("The request body is not a JSON object.", status=400) from None
         request["model"] = local
         if task in _STREAMING_TASKS:

@@ -108,7 +108,7 @@ class SimBackend:
             request = _decode_embeddings(body)
             request.model = local
             return BackendReply(200, _encode(self.engine.embeddings(request)))
-        except (msgspec.DecodeError, SimError) as exc:
+        except (msgspec.DecodeError, RecursionError, SimError) as exc:
             raise _rejected(exc) from None
 
     async def stream(self, task: str, model: str, body: bytes) -> AsyncGenerator[bytes, None]:
@@ -132,7 +132,7 @@ class SimBackend:
                 )
             else:
                 raise StreamingNotSupported(f"'{task}' results are not streamed.")
-        except (msgspec.DecodeError, SimError) as exc:
+        except (msgspec.DecodeError, RecursionError, SimError) as exc:
             raise _rejected(exc) from None
         delay = self._delay(delay_ms)
         n = 0
@@ -188,7 +188,7 @@ def _now() -> int:
     return int(time.time())
 
 
-def _rejected(exc: msgspec.DecodeError | SimError) -> BackendRejected:
+def _rejected(exc: msgspec.DecodeError | RecursionError | SimError) -> BackendRejected:
     """The refusal, with the body the simulator's HTTP server would have sent."""
     if isinstance(exc, msgspec.ValidationError):
         # msgspec names the field as "... - at `$.field`"; OpenAI reports it as ``param``.

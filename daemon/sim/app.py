@@ -146,7 +146,7 @@ class SimApp:
             else:
                 request = _decode_embeddings(await read_body(receive))
                 await send_json(send, _encode(self.engine.embeddings(request)))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             await send_error(send, bad_request(exc))
         except SimError as exc:
             await send_error(send, exc)

@@ -102,7 +102,7 @@ async def send_error(send: Send, exc: SimError) -> None:
     await send_json(send, _encode(ErrorResponse(error=body)), exc.status)
 
 
-def bad_request(exc: msgspec.DecodeError) -> SimError:
+def bad_request(exc: msgspec.DecodeError | RecursionError) -> SimError:
     """The 400 for a body msgspec could not decode: not JSON, or a field of the wrong type."""
     if not isinstance(exc, msgspec.ValidationError):
         return SimError(

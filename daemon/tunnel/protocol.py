@@ -125,7 +125,7 @@ class Connection:
                 raise Violation(CloseCode.TOO_BIG, f"frame of {len(data)} bytes > {self.max_frame}")
             try:
                 frame = decode_frame(data)  # type: ignore[arg-type]  # any buffer works
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 raise Violation(CloseCode.PROTOCOL_ERROR, f"undecodable frame: {exc}") from None
             handle_frame(self, frame)
         except Violation as violation:
@@ -227,7 +227,7 @@ class Connection:
         )
         try:  # validate exactly as the gateway will (once per connection: cheap)
             decode_frame(encode_frame(hello))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise ValueError(f"invalid hello: {exc}") from None
         self.hello = hello
         self._send(hello)

@@ -48,7 +48,7 @@ class StreamRelay:
         """The SSE event for one upstream payload, or ``None`` to send nothing."""
         try:
             chunk = _decoder.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return None  # a malformed upstream event is skipped, not passed on
         if not isinstance(chunk, dict):
             return None

@@ -250,7 +250,7 @@ class DispatchService:
     ) -> JsonOutcome:
         try:
             result = _decoder.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamError("The upstream answered with invalid JSON.") from None
         if not isinstance(result, dict):
             raise UpstreamError("The upstream answered with an unexpected shape.")

@@ -35,7 +35,7 @@ _error_decoder = msgspec.json.Decoder()
 def _upstream_message(body: bytes) -> str:
     try:
         data = _error_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return body[:200].decode("utf-8", "replace")
     if isinstance(data, dict):
         err = data.get("error")

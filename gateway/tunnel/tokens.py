@@ -193,7 +193,7 @@ class DispatchSigner:
         for member in members:
             try:
                 jwk = _decode(member)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 continue  # not written by a signer: never served
             kid = jwk.get("kid")
             if isinstance(kid, str):

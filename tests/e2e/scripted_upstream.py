@@ -5,7 +5,9 @@ What it does depends on the upstream ``model`` the gateway sends (the offering's
 status; ``slow`` sleeps past the gateway's timeout; ``bad-json`` answers 200 with garbage;
 ``record`` answers a valid chat completion and records the body it received;
 ``slow-stream`` streams one chunk every 50 ms and records when the client went away;
-``die-mid-stream`` sends two chunks and drops the connection. ``POST /v1/images`` serves the
+``die-mid-stream`` sends two chunks and drops the connection; ``deep-json`` answers 200 with
+JSON nested deeper than any decoder follows, and ``deep-stream`` streams one good chunk, then
+such an event. ``POST /v1/images`` serves the
 catalog-defined ``image-generation`` task class. ``GET /jwks.json`` serves a JWKS.
 """
 
@@ -20,6 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.redis_server import free_port
+
+#: A JSON document nested far deeper than decoders follow (they raise RecursionError).
+_DEEP = b'{"choices": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
 
 
 def _completion(model: str, text: str = "ok") -> dict[str, Any]:
@@ -124,6 +129,16 @@ class ScriptedUpstream:
             return web.json_response(_completion(model))
         if model == "bad-json":
             return web.Response(body=b"{not json", content_type="application/json")
+        if model == "deep-json":
+            return web.Response(body=_DEEP, content_type="application/json")
+        if model == "deep-stream":
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_chunk(model, "ok"))
+            await resp.write(b"data: " + _DEEP + b"\n\n")
+            await resp.write(_chunk(model, None, "stop"))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
         if model == "record":
             self.received.append(body)
             if body.get("stream"):

@@ -78,6 +78,37 @@ def test_malformed_json_is_400(stack: Stack, content: bytes) -> None:
     assert_envelope(resp, 400, "invalid_json")
 
 
+DEEP = 20_000  # far past any JSON decoder's nesting limit, well under the body limit
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/tasks/chat-completion", "/embeddings"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * DEEP + b"]" * DEEP,
+        b'{"model": "x", "messages": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"a": ' * DEEP + b"1" + b"}" * DEEP,
+    ],
+    ids=["array", "in-object", "objects"],
+)
+def test_json_nested_too_deep_is_400(stack: Stack, path: str, content: bytes) -> None:
+    # The decoder gives up on such nesting with a RecursionError: still a 400, never a 500.
+    resp = post(stack, path, content=content, headers={"content-type": "application/json"})
+    assert_envelope(resp, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("depth", [1_500, DEEP])
+def test_jwt_with_a_deeply_nested_header_is_401(stack: Stack, depth: int) -> None:
+    import base64
+
+    nested = b'{"a":' * depth + b"1" + b"}" * depth
+    header = base64.urlsafe_b64encode(nested).rstrip(b"=").decode()
+    assert header.startswith("eyJ")  # the shape of a JWT, so the JWT verifier reads it
+    token = f"{header}.eyJzdWIiOiJ4In0.c2ln"
+    resp = post(stack, "/chat/completions", key=token, json={"model": LLAMA, "messages": MSG})
+    assert_envelope(resp, 401)
+
+
 def test_wrong_content_type_is_415(stack: Stack) -> None:
     resp = post(
         stack,

@@ -27,6 +27,8 @@ BEHAVIOURS = [
     "status-401",
     "slow",
     "bad-json",
+    "deep-json",
+    "deep-stream",
     "record",
     "slow-stream",
     "die-mid-stream",
@@ -101,6 +103,7 @@ def chat(stack: Stack, name: str, **extra: Any) -> httpx.Response:
         ("status-401", 502, "upstream_error"),
         ("status-422", 422, "upstream_rejected"),
         ("bad-json", 502, "upstream_error"),
+        ("deep-json", 502, "upstream_error"),
         ("slow", 504, "upstream_timeout"),
     ],
 )
@@ -108,6 +111,17 @@ def test_upstream_failures_are_structured(
     scripted: Stack, name: str, status: int, code: str
 ) -> None:
     assert_envelope(chat(scripted, name), status, code)
+
+
+def test_an_undecodable_stream_event_is_skipped(scripted: Stack) -> None:
+    # A hostile upstream's event nested too deep to decode is dropped, as a malformed one is:
+    # the stream goes on to its end.
+    resp = chat(scripted, "deep-stream", stream=True)
+    assert resp.status_code == 200, resp.text
+    events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"content":"ok"' in resp.text.replace(" ", "")
+    assert '"finish_reason":"stop"' in resp.text.replace(" ", "")
 
 
 def test_upstream_429_keeps_retry_after(scripted: Stack) -> None:

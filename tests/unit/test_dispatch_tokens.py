@@ -233,6 +233,8 @@ async def test_refuses_malformed(verifier: DispatchVerifier, fetcher: CountingFe
         "x" * 5000,
         "!!!." + b64(b"{}") + ".sig",  # not base64url
         b64(b"[1,2]") + "." + b64(b"{}") + ".sig",  # header not an object
+        # an unknown header field nested past what the decoder follows (RecursionError)
+        b64(b'{"alg":"ES256","x":' + b"[" * 1100 + b"]" * 1100 + b"}") + "." + b64(b"{}") + ".s",
         segments({"kid": TRUSTED.kid}, {}) + ".sig",  # no alg
         segments({"alg": "ES256"}, {}) + "." + "A" * 86,  # no kid
     ]:

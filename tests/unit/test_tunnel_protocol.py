@@ -312,6 +312,8 @@ def test_gateway_frames_sent_by_a_daemon_are_refused(frame: Frame) -> None:
         msgspec.msgpack.encode(["ping", -1]),
         msgspec.msgpack.encode(["data", "dsp_1", "text, not bytes"]),
         msgspec.msgpack.encode(["close", 99, ""]),
+        b"\x91" * 20_000 + b"\xc0",  # arrays nested past the decoder's depth (RecursionError)
+        b"\x92\xa4data" + b"\x91" * 20_000 + b"\xc0",
     ],
 )
 def test_undecodable_messages_close_the_connection(raw: bytes) -> None:
