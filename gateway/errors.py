@@ -14,6 +14,7 @@ class attributes, so raising code never picks a status by hand::
     │   ├── RuntimeNotFound           404 … / personal_lattice_not_found
     │   └── UserCodeNotFound          404 … / user_code_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── RequestTimeout                408 invalid_request_error / request_timeout (+ close)
     ├── Conflict                      409 invalid_request_error / idempotency_key_reused
     ├── PayloadTooLarge               413 invalid_request_error / request_too_large
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
@@ -48,6 +49,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RelayUnavailable",
+    "RequestTimeout",
     "RuntimeNotFound",
     "ServiceUnavailable",
     "TaskNotFound",
@@ -66,6 +68,8 @@ class LatticeError(Exception):
     status: int = 500
     type: str = "api_error"
     code: str | None = "internal_error"
+    #: Answer with ``Connection: close`` (the request was not read to its end).
+    close_connection: bool = False
 
     def __init__(
         self,
@@ -147,6 +151,16 @@ class MethodNotAllowed(LatticeError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(LatticeError):
+    """The request body did not arrive in time (RFC 9110 §15.5.9). The connection is closed:
+    what is left of the body would otherwise be read as the next request."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    close_connection = True
 
 
 class Conflict(LatticeError):

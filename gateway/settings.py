@@ -20,6 +20,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     #: Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 16 * 1024 * 1024
+    #: Seconds a request may take to arrive, from its first byte to the end of its body (408
+    #: and the connection closed after it: a client that stalls mid-request holds nothing
+    #: for long). Enforced by ``lattice serve``'s protocol (``--http lattice``).
+    request_timeout_s: float = 30.0
     #: Seconds between checks of the catalog version (changes visible within 1 s).
     catalog_poll_s: float = 0.25
     #: Default for requests and workspaces that do not say (`drop_params`).
@@ -76,6 +80,7 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: object)
         "LATTICE_PORT": ("port", int),
         "LATTICE_WORKERS": ("workers", int),
         "LATTICE_MAX_BODY_BYTES": ("max_body_bytes", int),
+        "LATTICE_REQUEST_TIMEOUT_S": ("request_timeout_s", float),
         "LATTICE_CATALOG_POLL_S": ("catalog_poll_s", float),
         "LATTICE_DROP_PARAMS": ("drop_params", _bool),
         "LATTICE_SEED_CATALOG": ("seed_catalog", _bool),

@@ -33,6 +33,11 @@ class FrontDoor:
     def task_for(self, path: str) -> str | None:
         return task_for(self._gw, path)
 
+    @property
+    def request_timeout_s(self) -> float:
+        """How long one request may take to arrive (see :class:`LatticeHttpProtocol`)."""
+        return self._gw.settings.request_timeout_s
+
     async def serve(
         self, task: str, path: str, raw_headers: list[tuple[bytes, bytes]], cycle: FastCycle
     ) -> None:
