@@ -77,6 +77,7 @@ def _lua(name: str) -> str:
 _REDEEM_LUA = _lua("bootstrap_redeem.lua")
 _PAIR_LUA = _lua("device_pair.lua")
 _UPDATE_LUA = _lua("update_existing.lua")
+_TOUCH_MANY_LUA = _lua("touch_many.lua")
 
 
 def _now_ms() -> int:
@@ -103,6 +104,7 @@ class RuntimeStore:
         self._redeem = redis.register_script(_REDEEM_LUA)
         self._pair = redis.register_script(_PAIR_LUA)
         self._update = redis.register_script(_UPDATE_LUA)
+        self._touch_many = redis.register_script(_TOUCH_MANY_LUA)
 
     # -- creation and pairing --------------------------------------------------------------
 
@@ -239,17 +241,12 @@ class RuntimeStore:
         return await self._update_fields(runtime_id, {"last_seen_ms": now_ms})
 
     async def touch_many(self, runtime_ids: Iterable[str], now_ms: int) -> None:
-        """:meth:`touch` for many runtimes, pipelined (the holder's periodic refresh)."""
+        """:meth:`touch` for many runtimes, one script call per batch (the holder's periodic
+        refresh of thousands of idle tunnels)."""
         ids = [r for r in runtime_ids if RUNTIME_ID_RE.fullmatch(r)]
         for start in range(0, len(ids), _TOUCH_BATCH):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for runtime_id in ids[start : start + _TOUCH_BATCH]:
-                    await self._update(
-                        keys=[keys.runtime(runtime_id)],
-                        args=[1, "last_seen_ms", now_ms],
-                        client=pipe,
-                    )
-                await pipe.execute()
+            batch = [keys.runtime(r) for r in ids[start : start + _TOUCH_BATCH]]
+            await self._touch_many(keys=batch, args=["last_seen_ms", now_ms])
 
     # -- the owner's side ------------------------------------------------------------------
 

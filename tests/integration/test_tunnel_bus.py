@@ -468,6 +468,25 @@ async def test_reclaim_takes_only_from_dead_holders(aredis: aioredis.Redis) -> N
     assert [i["name"] for i in infos] == [b"gw_c"]
 
 
+async def test_reclaim_scans_many_queues_in_one_call(aredis: aioredis.Redis) -> None:
+    """One script call looks at every queue of the batch (reclaim_scan.lua): queues without a
+    stream or a group are skipped, and only the dead consumer's entries are claimed."""
+    queues = [keys.runtime_queue(f"lat_{c * 16}") for c in "bcdefg"]
+    for queue in queues[1:]:  # queues[0] does not exist at all
+        await aredis.xgroup_create(queue, keys.HOLDERS_GROUP, id="0", mkstream=True)
+    await aredis.delete(queues[1])  # ... and queues[1] lost its stream (and group)
+    entry = QueuedDispatch(request=request(), reply_to="r", requester="gw_a", window_bytes=1)
+    await aredis.xadd(queues[3], {"m": encode(entry)})
+    await aredis.xreadgroup(keys.HOLDERS_GROUP, "gw_dead", {queues[3]: ">"})
+    await aredis.xadd(queues[4], {"m": encode(entry)})
+    await aredis.xreadgroup(keys.HOLDERS_GROUP, "gw_c", {queues[4]: ">"})  # the caller's own
+    await asyncio.sleep(0.06)
+    claimed = await claim_abandoned(aredis, "gw_c", queues, idle_ms=50)
+    assert [(stream, queued) for stream, _, queued in claimed.found] == [(queues[3], entry)]
+    assert await claim_abandoned(aredis, "gw_c", queues[4:], idle_ms=50) == Claimed([], [])
+    assert await claim_abandoned(aredis, "gw_c", [], idle_ms=50) == Claimed([], [])
+
+
 async def test_replaced_tunnel_closes_the_old_one(procs: Callable[[], Awaitable[Proc]]) -> None:
     b = await procs()
     old = await b.hold(answer(Finished(status=200)))
