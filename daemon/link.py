@@ -32,12 +32,12 @@ __all__ = ["Tunnel", "Verifier"]
 
 log = logging.getLogger("daemon.runner")
 
+#: Close codes after which the runner stops instead of dialling again.
 _FATAL_CLOSE: dict[int, str] = {
     CloseCode.UNAUTHORIZED: "the gateway refused the runtime credential",
     CloseCode.REVOKED: "the runtime was revoked",
     CloseCode.UNSUPPORTED_VERSION: "the gateway speaks no tunnel protocol version this daemon does",
 }
-#: What makes the runner dial again later (BackendError: the local server is not up yet).
 
 
 class Verifier(Protocol):

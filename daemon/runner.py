@@ -48,6 +48,7 @@ __all__ = ["DaemonRunner", "RunnerStopped", "Verifier", "gateway_base_url", "tun
 log = logging.getLogger(__name__)
 
 TUNNEL_PATH = "/v1/tunnel"
+#: What makes the runner dial again later (BackendError: the local server is not up yet).
 _DIAL_ERRORS = (OSError, TimeoutError, WebSocketException, BackendError)
 
 
