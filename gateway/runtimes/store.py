@@ -66,7 +66,7 @@ RUNTIME_REVOKED_EVENT = "runtime-revoked:"
 #: Read in place of a malformed id, so that a bad id costs the same round trip as a good one.
 _PLACEHOLDER_ID = "lat_" + "a" * 16
 _SECRET_FIELDS = ("cred_sha256", "boot_sha256", "boot_expires_ms")
-#: Runtimes per pipeline in :meth:`RuntimeStore.touch_many`.
+#: Runtimes per script call in :meth:`RuntimeStore.touch_many` (``touch_many.lua``).
 _TOUCH_BATCH = 500
 
 
