@@ -14,7 +14,7 @@ class attributes, so raising code never picks a status by hand::
     │   ├── RuntimeNotFound           404 … / personal_lattice_not_found
     │   └── UserCodeNotFound          404 … / user_code_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
-    ├── RequestTimeout                408 invalid_request_error / request_timeout (+ close)
+    ├── RequestTimeout                408 invalid_request_error / request_timeout
     ├── Conflict                      409 invalid_request_error / idempotency_key_reused
     ├── PayloadTooLarge               413 invalid_request_error / request_too_large
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
@@ -68,8 +68,6 @@ class LatticeError(Exception):
     status: int = 500
     type: str = "api_error"
     code: str | None = "internal_error"
-    #: Answer with ``Connection: close`` (the request was not read to its end).
-    close_connection: bool = False
 
     def __init__(
         self,
@@ -154,13 +152,13 @@ class MethodNotAllowed(LatticeError):
 
 
 class RequestTimeout(LatticeError):
-    """The request body did not arrive in time (RFC 9110 §15.5.9). The connection is closed:
-    what is left of the body would otherwise be read as the next request."""
+    """The request did not arrive in time (RFC 9110 §15.5.9). The front door's protocol
+    answers it and closes the connection (gateway/front/protocol.py): what is left of the
+    request would otherwise be read as the next one."""
 
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
-    close_connection = True
 
 
 class Conflict(LatticeError):

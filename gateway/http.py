@@ -59,13 +59,10 @@ def json_response(
 
 
 def error_body(exc: LatticeError) -> tuple[bytes, dict[str, str] | None]:
-    """The OpenAI error envelope for ``exc``, and its extra headers (``retry-after``,
-    ``connection: close``)."""
+    """The OpenAI error envelope for ``exc``, and its extra headers (``retry-after``)."""
     headers = None
     if exc.retry_after is not None:
         headers = {"retry-after": str(max(1, round(exc.retry_after)))}
-    if exc.close_connection:
-        headers = {**(headers or {}), "connection": "close"}
     return _encoder.encode(exc.envelope()), headers
 
 
